@@ -1,0 +1,1 @@
+"""Controller manager role: runs the controllers (DESIGN.md §4)."""

@@ -1,0 +1,1 @@
+"""Scheduler role: binds pending Replicas to clusters (DESIGN.md §4)."""

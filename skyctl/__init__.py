@@ -1,0 +1,1 @@
+"""skyctl: the command-line interface over the Python SDK."""

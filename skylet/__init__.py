@@ -1,0 +1,1 @@
+"""Skylet role: the agent of a cluster (DESIGN.md §5)."""

@@ -1,0 +1,1 @@
+"""The API's Python side: kinds, conversion, validation, selectors and errors."""

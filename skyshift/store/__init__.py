@@ -1,0 +1,1 @@
+"""etcd access. Only api_server (and tests) import this package (DESIGN.md §7)."""
