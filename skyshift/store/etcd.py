@@ -158,13 +158,24 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    async def create(self, key: bytes, value: bytes) -> int:
-        """Put `key` only if it does not exist; returns the new revision."""
-        compare = rpc.Compare(key=key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0)
-        request = rpc.TxnRequest(compare=[compare], success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))])
+    async def create(self, key: bytes, value: bytes, guard: Optional[Tuple[bytes, int]] = None) -> int:
+        """Put `key` only if it does not exist (and, with `guard=(other_key, mod_revision)`,
+        only if that other key is unchanged); returns the new revision. Raises
+        AlreadyExistsError, or ConflictError when the guard failed."""
+        compares = [rpc.Compare(key=key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0)]
+        if guard is not None:
+            compares.append(rpc.Compare(key=guard[0], target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                                        mod_revision=guard[1]))
+        request = rpc.TxnRequest(
+            compare=compares,
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key, keys_only=True))],
+        )
         response = await self._call(self._kv.Txn, request)
         if not response.succeeded:
-            raise AlreadyExistsError("already exists")
+            if response.responses[0].response_range.kvs:
+                raise AlreadyExistsError("already exists")
+            raise ConflictError("the guarding object changed")
         return response.header.revision
 
     async def update(self, key: bytes, value: bytes, mod_revision: int) -> int:
@@ -221,9 +232,13 @@ class Store:
                                         prev_kv=True)
 
         async def request_progress() -> None:
+            # At once (so a caller learns quickly that it has caught up), then periodically.
+            # etcd answers only once the watch has replayed its history, so ask often at first.
+            delay = min(0.02, progress_interval)
             while True:
-                await asyncio.sleep(progress_interval)
                 await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, progress_interval)
 
         progress_task = None
         try:
