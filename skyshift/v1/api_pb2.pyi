@@ -157,3 +157,41 @@ class HistoryResponse(_message.Message):
     REVISIONS_FIELD_NUMBER: _ClassVar[int]
     revisions: _containers.RepeatedCompositeFieldContainer[_objects_pb2.Object]
     def __init__(self, revisions: _Optional[_Iterable[_Union[_objects_pb2.Object, _Mapping]]] = ...) -> None: ...
+
+class LogsRequest(_message.Message):
+    __slots__ = ("namespace", "job", "replica", "follow")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    job: str
+    replica: str
+    follow: bool
+    def __init__(self, namespace: _Optional[str] = ..., job: _Optional[str] = ..., replica: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class LogChunk(_message.Message):
+    __slots__ = ("replica", "data")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    data: bytes
+    def __init__(self, replica: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ExecRequest(_message.Message):
+    __slots__ = ("namespace", "replica", "command")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    replica: str
+    command: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, namespace: _Optional[str] = ..., replica: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExecResponse(_message.Message):
+    __slots__ = ("exit_code", "output")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    output: bytes
+    def __init__(self, exit_code: _Optional[int] = ..., output: _Optional[bytes] = ...) -> None: ...

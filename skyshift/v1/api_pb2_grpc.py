@@ -85,6 +85,16 @@ class ObjectServiceStub:
                 request_serializer=skyshift_dot_v1_dot_api__pb2.HistoryRequest.SerializeToString,
                 response_deserializer=skyshift_dot_v1_dot_api__pb2.HistoryResponse.FromString,
                 _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/skyshift.v1.ObjectService/Logs',
+                request_serializer=skyshift_dot_v1_dot_api__pb2.LogsRequest.SerializeToString,
+                response_deserializer=skyshift_dot_v1_dot_api__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.Exec = channel.unary_unary(
+                '/skyshift.v1.ObjectService/Exec',
+                request_serializer=skyshift_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
+                response_deserializer=skyshift_dot_v1_dot_api__pb2.ExecResponse.FromString,
+                _registered_method=True)
 
 
 class ObjectServiceServicer:
@@ -163,6 +173,20 @@ class ObjectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logs(self, request, context):
+        """Output of a Job's replicas (or one replica), relayed from the skylets that ran them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exec(self, request, context):
+        """Run a command beside a running replica, where its cluster's driver can.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ObjectServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +239,16 @@ def add_ObjectServiceServicer_to_server(servicer, server):
                     servicer.History,
                     request_deserializer=skyshift_dot_v1_dot_api__pb2.HistoryRequest.FromString,
                     response_serializer=skyshift_dot_v1_dot_api__pb2.HistoryResponse.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=skyshift_dot_v1_dot_api__pb2.LogsRequest.FromString,
+                    response_serializer=skyshift_dot_v1_dot_api__pb2.LogChunk.SerializeToString,
+            ),
+            'Exec': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=skyshift_dot_v1_dot_api__pb2.ExecRequest.FromString,
+                    response_serializer=skyshift_dot_v1_dot_api__pb2.ExecResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +521,178 @@ class ObjectService:
             '/skyshift.v1.ObjectService/History',
             skyshift_dot_v1_dot_api__pb2.HistoryRequest.SerializeToString,
             skyshift_dot_v1_dot_api__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/skyshift.v1.ObjectService/Logs',
+            skyshift_dot_v1_dot_api__pb2.LogsRequest.SerializeToString,
+            skyshift_dot_v1_dot_api__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/skyshift.v1.ObjectService/Exec',
+            skyshift_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
+            skyshift_dot_v1_dot_api__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SkyletServiceStub:
+    """The agent of a cluster serves this to the API server (address in Cluster.status.agent_endpoint).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Logs = channel.unary_stream(
+                '/skyshift.v1.SkyletService/Logs',
+                request_serializer=skyshift_dot_v1_dot_api__pb2.LogsRequest.SerializeToString,
+                response_deserializer=skyshift_dot_v1_dot_api__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.Exec = channel.unary_unary(
+                '/skyshift.v1.SkyletService/Exec',
+                request_serializer=skyshift_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
+                response_deserializer=skyshift_dot_v1_dot_api__pb2.ExecResponse.FromString,
+                _registered_method=True)
+
+
+class SkyletServiceServicer:
+    """The agent of a cluster serves this to the API server (address in Cluster.status.agent_endpoint).
+    """
+
+    def Logs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exec(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SkyletServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=skyshift_dot_v1_dot_api__pb2.LogsRequest.FromString,
+                    response_serializer=skyshift_dot_v1_dot_api__pb2.LogChunk.SerializeToString,
+            ),
+            'Exec': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=skyshift_dot_v1_dot_api__pb2.ExecRequest.FromString,
+                    response_serializer=skyshift_dot_v1_dot_api__pb2.ExecResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'skyshift.v1.SkyletService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('skyshift.v1.SkyletService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SkyletService:
+    """The agent of a cluster serves this to the API server (address in Cluster.status.agent_endpoint).
+    """
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/skyshift.v1.SkyletService/Logs',
+            skyshift_dot_v1_dot_api__pb2.LogsRequest.SerializeToString,
+            skyshift_dot_v1_dot_api__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/skyshift.v1.SkyletService/Exec',
+            skyshift_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
+            skyshift_dot_v1_dot_api__pb2.ExecResponse.FromString,
             options,
             channel_credentials,
             insecure,

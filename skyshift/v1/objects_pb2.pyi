@@ -202,7 +202,7 @@ class ClusterSpec(_message.Message):
     def __init__(self, manager: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ..., cpus: _Optional[str] = ..., memory: _Optional[str] = ..., disk_size: _Optional[int] = ..., accelerators: _Optional[str] = ..., ports: _Optional[_Iterable[str]] = ..., num_nodes: _Optional[int] = ..., provision: _Optional[bool] = ..., config_path: _Optional[str] = ..., access_config: _Optional[_Mapping[str, str]] = ..., hosts: _Optional[_Iterable[_Union[SSHHost, _Mapping]]] = ..., simulation: _Optional[_Union[SimulationSpec, _Mapping]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("phase", "capacity", "allocatable", "heartbeat_time", "conditions", "capabilities", "observed_generation", "message")
+    __slots__ = ("phase", "capacity", "allocatable", "heartbeat_time", "conditions", "capabilities", "observed_generation", "message", "agent_endpoint")
     class CapacityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class ClusterStatus(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     phase: str
     capacity: _containers.MessageMap[str, ResourceMap]
     allocatable: _containers.MessageMap[str, ResourceMap]
@@ -233,7 +234,8 @@ class ClusterStatus(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     observed_generation: int
     message: str
-    def __init__(self, phase: _Optional[str] = ..., capacity: _Optional[_Mapping[str, ResourceMap]] = ..., allocatable: _Optional[_Mapping[str, ResourceMap]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., observed_generation: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    agent_endpoint: str
+    def __init__(self, phase: _Optional[str] = ..., capacity: _Optional[_Mapping[str, ResourceMap]] = ..., allocatable: _Optional[_Mapping[str, ResourceMap]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., observed_generation: _Optional[int] = ..., message: _Optional[str] = ..., agent_endpoint: _Optional[str] = ...) -> None: ...
 
 class Cluster(_message.Message):
     __slots__ = ("metadata", "spec", "status")
