@@ -114,6 +114,7 @@ class Registry:
     def admit_new(self, kind: kinds.Kind, obj: Message, request_namespace: str) -> Tuple[str, Message]:
         """Validate and default a new object; returns (namespace, object ready to store)."""
         namespace = self._request_namespace(kind, request_namespace, obj)
+        validation.check_no_unknown_fields(obj)
         validation.validate_metadata(kind, obj)
         validation.validate_spec(kind, obj)
         meta = obj.metadata
@@ -262,6 +263,7 @@ class Registry:
     async def update(self, envelope, request_namespace: str, status: bool) -> Message:
         kind, obj = kinds.unwrap(envelope)
         namespace = self._request_namespace(kind, request_namespace, obj)
+        validation.check_no_unknown_fields(obj)
         name = obj.metadata.name
         self._validate_address(kind, namespace, name)
         if obj.metadata.resource_version <= 0:

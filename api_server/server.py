@@ -34,6 +34,8 @@ def _object_service_handler(servicer: ObjectServicer) -> grpc.GenericRpcHandler:
     database = symbol_database.Default()
     handlers = {}
     for method in api_pb2.DESCRIPTOR.services_by_name["ObjectService"].methods:
+        if not hasattr(servicer, method.name):
+            continue  # not served yet: clients get UNIMPLEMENTED
         request_class = database.GetSymbol(method.input_type.full_name)
         factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = factory(getattr(servicer, method.name),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, Iterable
 
+from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
 from skyshift.api import kinds
@@ -249,6 +250,28 @@ _SPEC_VALIDATORS: Dict[str, Callable[[Message], None]] = {
     "FilterPolicy": _filter_policy, "Role": _role, "RoleBinding": _role_binding, "Lease": _lease,
     "Event": _event,
 }
+
+
+def check_no_unknown_fields(message: Message, path: str = "") -> None:
+    """Reject fields this server does not know (a newer client's, or garbage): they would be
+    stored without validation."""
+    unknown = unknown_fields.UnknownFieldSet(message)
+    if len(unknown):
+        number = next(iter(unknown)).field_number
+        raise InvalidError(path or message.DESCRIPTOR.name, f"unknown field number {number}")
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        field = f"{path}.{descriptor.name}" if path else descriptor.name
+        if descriptor.message_type.GetOptions().map_entry:
+            if descriptor.message_type.fields_by_name["value"].message_type is not None:
+                for key, item in value.items():
+                    check_no_unknown_fields(item, f"{field}.{key}")
+        elif descriptor.is_repeated:
+            for index, item in enumerate(value):
+                check_no_unknown_fields(item, f"{field}[{index}]")
+        else:
+            check_no_unknown_fields(value, field)
 
 
 def validate_metadata(kind: kinds.Kind, obj: Message) -> None:
