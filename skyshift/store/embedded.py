@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zlib
 from typing import List, Optional
 
 
@@ -43,12 +44,16 @@ class EmbeddedEtcd:
         self.fast = fast
         self.name = name
         self.initial_cluster = initial_cluster
-        self.log_file = log_file or self.data_dir.parent / "etcd.log"
+        self.log_file = log_file or self.data_dir.parent / f"etcd-{name}.log"
         self.process: Optional[subprocess.Popen] = None
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
+
+    @property
+    def cluster_spec(self) -> str:
+        return self.initial_cluster or f"{self.name}={self.peer_url}"
 
     @property
     def peer_url(self) -> str:
@@ -64,8 +69,9 @@ class EmbeddedEtcd:
             "--advertise-client-urls", client_url,
             "--listen-peer-urls", self.peer_url,
             "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
-            "--initial-cluster-token", f"skyshift-{self.name}-{self.peer_port}",
+            "--initial-cluster", self.cluster_spec,
+            # One token per cluster (all members share it), distinct across clusters.
+            "--initial-cluster-token", f"skyshift-{zlib.crc32(self.cluster_spec.encode()):08x}",
             # Watch progress notifications feed the API server's bookmarks.
             "--experimental-watch-progress-notify-interval", "1s",
             "--max-request-bytes", str(2 * 1024 * 1024),
