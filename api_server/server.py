@@ -13,6 +13,7 @@ from skyshift.config import Settings
 from skyshift.store.etcd import Store
 from skyshift.v1 import api_pb2
 
+from api_server.agents import AgentRelay
 from api_server.registry import Registry
 from api_server.servicer import ObjectServicer
 from api_server.watch_cache import WatchCache
@@ -50,6 +51,7 @@ class ApiServer:
         self.store = Store(settings.etcd, etcd_endpoints)
         self.registry = Registry(self.store, settings)
         self.watch_cache = WatchCache(self.store, settings.watch)
+        self.agents = AgentRelay(self.registry)
         self.server: Optional[grpc.aio.Server] = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
@@ -69,8 +71,8 @@ class ApiServer:
             ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0),
         ])
-        self.server.add_generic_rpc_handlers((_object_service_handler(ObjectServicer(self.registry,
-                                                                                     self.watch_cache)),))
+        self.server.add_generic_rpc_handlers((_object_service_handler(ObjectServicer(self.registry, self.watch_cache,
+                                                                                     self.agents)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
@@ -93,6 +95,7 @@ class ApiServer:
             await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.watch_cache.stop()
             await self.server.stop(self.settings.api.shutdown_grace)
+            await self.agents.close()
         await self.store.close()
         log.info("api_server_stopped")
 

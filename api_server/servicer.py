@@ -13,6 +13,7 @@ from skyshift.api import kinds
 from skyshift.api.errors import InternalError, SkyShiftError
 from skyshift.v1 import api_pb2, objects_pb2
 
+from api_server.agents import AgentRelay
 from api_server.registry import Registry
 from api_server.watch_cache import WatchCache
 
@@ -53,9 +54,10 @@ def _envelope(obj) -> objects_pb2.Object:
 
 
 class ObjectServicer:
-    def __init__(self, registry: Registry, watch_cache: WatchCache):
+    def __init__(self, registry: Registry, watch_cache: WatchCache, agents: AgentRelay):
         self.registry = registry
         self.watch_cache = watch_cache
+        self.agents = agents
 
     @_errors
     async def Create(self, request: api_pb2.CreateRequest, context) -> objects_pb2.Object:
@@ -124,3 +126,12 @@ class ObjectServicer:
                 yield data
         finally:
             watcher.cache.unsubscribe(watcher)
+
+    @_errors
+    async def Logs(self, request: api_pb2.LogsRequest, context):
+        async for chunk in self.agents.logs(request):
+            yield chunk
+
+    @_errors
+    async def Exec(self, request: api_pb2.ExecRequest, context) -> api_pb2.ExecResponse:
+        return await self.agents.exec(request)
