@@ -18,12 +18,16 @@ from skyshift.api.errors import (AlreadyExistsError, ConflictError, GoneError, I
                                  NotFoundError, PreconditionError, SkyShiftError)
 from skyshift.api.selectors import FieldSelector, LabelSelector
 from skyshift.config import Settings
-from skyshift.store.etcd import Entry, Store, kind_prefix, namespace_prefix, object_key, prefix_end
+from skyshift.store.etcd import (Entry, FutureRevisionError, Store, kind_prefix, namespace_prefix, object_key,
+                                 prefix_end)
 
 log = structlog.get_logger(__name__)
 
 #: Namespaces the server creates on start.
 BUILTIN_NAMESPACES = (kinds.DEFAULT_NAMESPACE, "skyshift-system")
+#: Every Namespace carries it: the namespace controller deletes what the namespace holds, then
+#: removes it, and only then does the Namespace go (DESIGN.md §2).
+NAMESPACE_FINALIZER = "skyshift.dev/namespace"
 #: Initial status phase of new objects, per kind.
 INITIAL_PHASE = {"Namespace": "ACTIVE", "Cluster": "INIT", "Job": "PENDING", "Replica": "PENDING", "Link": "INIT"}
 
@@ -126,6 +130,8 @@ class Registry:
         obj.ClearField("status")  # status is written only through UpdateStatus
         if kind.name in INITIAL_PHASE:
             obj.status.phase = INITIAL_PHASE[kind.name]
+        if kind.name == "Namespace" and NAMESPACE_FINALIZER not in meta.finalizers:
+            meta.finalizers.append(NAMESPACE_FINALIZER)
         return namespace, obj
 
     async def create(self, envelope, request_namespace: str) -> Message:
@@ -163,7 +169,10 @@ class Registry:
         self._validate_address(kind, namespace, name)
         if at_revision < 0:
             raise InvalidError("at_revision", "must not be negative")
-        entry = await self.store.get(self.key(kind, namespace, name), at_revision)
+        try:
+            entry = await self.store.get(self.key(kind, namespace, name), at_revision)
+        except FutureRevisionError:
+            raise InvalidError("at_revision", f"{at_revision} is newer than the store's current revision") from None
         if entry is None:
             when = f" at revision {at_revision}" if at_revision else ""
             raise NotFoundError(f"{describe(kind, namespace, name)} not found{when}")
@@ -218,7 +227,11 @@ class Registry:
         while True:
             # Without filters we know exactly how many keys we still need (+1 to see if more exist).
             want = min(chunk, max_items - len(items) + 1) if not filtering else chunk
-            page = await self.store.range(start, end, revision=revision, limit=want)
+            try:
+                page = await self.store.range(start, end, revision=revision, limit=want)
+            except FutureRevisionError:  # only a forged token names a revision the store has not reached
+                raise InvalidError("continue_token", "refers to a future revision (pass the token of the "
+                                                     "previous page unchanged)") from None
             revision = revision or page.revision
             for entry in page.entries:
                 obj = decode(kind, entry)
@@ -335,7 +348,7 @@ class Registry:
             raise ConflictError(f"{describe(kind, namespace, name)} has uid {current.metadata.uid}, "
                                 f"precondition {uid}")
         if kind.name == "Namespace":
-            await self._check_namespace_empty(name)
+            self._check_namespace_deletable(name)
         key = self.key(kind, namespace, name)
         if current.metadata.finalizers:
             if current.metadata.HasField("deletion_timestamp"):
@@ -346,14 +359,10 @@ class Registry:
         await self.store.delete(key, entry.mod_revision)
         return current
 
-    async def _check_namespace_empty(self, namespace: str) -> None:
+    @staticmethod
+    def _check_namespace_deletable(namespace: str) -> None:
         if namespace in BUILTIN_NAMESPACES:
             raise PreconditionError(f'namespace "{namespace}" is built in and cannot be deleted')
-        counts = await asyncio.gather(*(self.store.count(namespace_prefix(k.plural, namespace))
-                                        for k in kinds.all_kinds() if k.namespaced))
-        remaining = sum(count for count, _ in counts)
-        if remaining:
-            raise PreconditionError(f'namespace "{namespace}" still holds {remaining} objects: delete them first')
 
     # ------------------------------------------------------------------ batch
 
