@@ -15,7 +15,7 @@ from skyshift.v1 import api_pb2
 
 from api_server.agents import AgentRelay
 from api_server.registry import Registry
-from api_server.servicer import ObjectServicer
+from api_server.servicer import ObjectServicer, decoder
 from api_server.watch_cache import WatchCache
 
 log = structlog.get_logger(__name__)
@@ -40,7 +40,7 @@ def _object_service_handler(servicer: ObjectServicer) -> grpc.GenericRpcHandler:
         request_class = database.GetSymbol(method.input_type.full_name)
         factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = factory(getattr(servicer, method.name),
-                                        request_deserializer=request_class.FromString,
+                                        request_deserializer=decoder(request_class),
                                         response_serializer=_serialize)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 

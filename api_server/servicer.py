@@ -8,9 +8,10 @@ import uuid
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from skyshift.api import kinds
-from skyshift.api.errors import InternalError, SkyShiftError
+from skyshift.api.errors import InternalError, InvalidError, SkyShiftError
 from skyshift.v1 import api_pb2, objects_pb2
 
 from api_server.agents import AgentRelay
@@ -28,12 +29,36 @@ async def _abort(context, error: Exception, method: str):
     await context.abort(InternalError.code, f"internal error (request id {request_id}); this is a bug")
 
 
+class MalformedRequest:
+    """A request body that does not decode. gRPC would answer UNKNOWN for a deserializer that
+    raises; the servicer answers INVALID_ARGUMENT instead (see `decoder`)."""
+
+    def __init__(self, request_class, error: DecodeError):
+        self.error = InvalidError("request", f"not a valid {request_class.DESCRIPTOR.full_name} message: {error}")
+
+
+def decoder(request_class):
+    """The request deserializer for `request_class`."""
+    def decode(data: bytes):
+        try:
+            return request_class.FromString(data)
+        except DecodeError as error:
+            return MalformedRequest(request_class, error)
+    return decode
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, MalformedRequest):
+        raise request.error
+
+
 def _errors(method):
     """Map exceptions to gRPC status codes; anything unexpected is INTERNAL and logged."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
+                _check_decoded(request)
                 async for item in method(self, request, context):
                     yield item
             except Exception as error:  # noqa: BLE001 - mapped to a status
@@ -43,6 +68,7 @@ def _errors(method):
     @functools.wraps(method)
     async def unary(self, request, context):
         try:
+            _check_decoded(request)
             return await method(self, request, context)
         except Exception as error:  # noqa: BLE001 - mapped to a status
             await _abort(context, error, method.__name__)

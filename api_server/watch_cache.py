@@ -16,7 +16,7 @@ from typing import AsyncIterator, Deque, Dict, List, Optional, Set
 import structlog
 from google.protobuf.message import Message
 
-from skyshift.api import kinds
+from skyshift.api import kinds, validation
 from skyshift.api.errors import GoneError, InvalidError, UnavailableError
 from skyshift.api.selectors import FieldSelector, LabelSelector
 from skyshift.config import WatchSettings
@@ -103,7 +103,8 @@ class Watcher:
     def event_type(self, event: CachedEvent) -> Optional[int]:
         """The type this stream sees the event as, or None if it does not see it. With
         selectors, an object that starts matching is ADDED and one that stops is DELETED."""
-        if self.name and event.name != self.name:
+        # Live events are routed by namespace already; replayed history is not.
+        if (self.namespace and event.namespace != self.namespace) or (self.name and event.name != self.name):
             return None
         if not self.filtering:
             return event.type()
@@ -322,6 +323,8 @@ class WatchCache:
         kind = kinds.resolve(request.kind)
         if request.namespace and not kind.namespaced:
             raise InvalidError("namespace", f"{kind.name} is cluster-scoped and has no namespace")
+        validation.check_name(request.namespace, "namespace", required=False)
+        validation.check_name(request.name, "name", required=False)
         if request.resource_version < 0:
             raise InvalidError("resource_version", "must not be negative")
         revision = request.resource_version or await self.store.revision()

@@ -142,10 +142,11 @@ def fill(message: Message, data: Any, path: str) -> None:
     for raw_key, value in data.items():
         key = str(raw_key)
         name = key if key in fields else snake_case(key)
-        field = f"{path}.{name}" if path else name
         descriptor = fields.get(name)
         if descriptor is None:
-            raise InvalidError(field, "unknown field")
+            # Name the field as the manifest spells it, so the user can find it.
+            raise InvalidError(f"{path}.{key}" if path else key, "unknown field")
+        field = f"{path}.{name}" if path else name
         if value is None:
             continue
         if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:

@@ -14,7 +14,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from skyshift.api.errors import (AlreadyExistsError, ConflictError, GoneError, NotFoundError,
+from skyshift.api.errors import (AlreadyExistsError, ConflictError, GoneError, InvalidError, NotFoundError,
                                  UnavailableError)
 from skyshift.config import EtcdSettings
 
@@ -48,6 +48,13 @@ def split_key(key: bytes) -> Tuple[str, str, str]:
     """(plural, namespace, name) of an object key."""
     plural, namespace, name = key[len(REGISTRY):].decode().split("/", 2)
     return plural, namespace, name
+
+
+class FutureRevisionError(InvalidError):
+    """A read at a revision etcd has not reached: the caller's revision is wrong, not compacted."""
+
+    def __init__(self, details: str):
+        super().__init__("revision", f"is newer than the store's current revision ({details})")
 
 
 @dataclasses.dataclass
@@ -130,6 +137,8 @@ class Store:
         except grpc.aio.AioRpcError as error:
             if error.code() in _TRANSIENT:
                 raise UnavailableError(f"etcd: {error.details()}") from error
+            if "future revision" in (error.details() or ""):
+                raise FutureRevisionError(error.details()) from error
             if error.code() == grpc.StatusCode.OUT_OF_RANGE or "compacted" in (error.details() or ""):
                 raise GoneError(f"revision is compacted: {error.details()}") from error
             raise
