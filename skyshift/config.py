@@ -92,12 +92,190 @@ class ClientSettings:
 
 
 @dataclasses.dataclass
+class SkyctlSettings:
+    #: Attempts `skyctl apply` makes when an object changes between its read and its update.
+    apply_conflict_retries: int = 5
+    #: Seconds `skyctl api stop` waits for the local API server to exit after SIGTERM; then SIGKILL.
+    server_stop_timeout: float = 15.0
+    #: Seconds between checks while `skyctl api start|stop` waits for the local API server.
+    server_poll_interval: float = 0.05
+
+
+@dataclasses.dataclass
+class ControllerSettings:
+    """The controller runtime (skyshift/runtime) and the controller manager (launch_manager.py)."""
+    #: Seconds between informer resyncs, which hand every cached object to the controllers again
+    #: so they re-check state that changes with time alone; 0 disables them.
+    resync_period: float = 300.0
+    #: Backoff (seconds) before an informer re-lists after an error, doubled up to the max.
+    relist_backoff_initial: float = 0.1
+    relist_backoff_max: float = 10.0
+    #: Per-key backoff of a work queue after a failed reconcile: initial * 2**failures, capped.
+    queue_backoff_initial: float = 0.005
+    queue_backoff_max: float = 60.0
+    #: Global token bucket of each work queue's rate-limited re-adds: keys per second and burst.
+    queue_rate_limit: float = 50.0
+    queue_rate_burst: int = 500
+    #: Workers per controller, unless `workers` names the controller (e.g. {job: 8}).
+    default_workers: int = 4
+    workers: Dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Namespace and name of the Lease the controller managers elect their leader with.
+    lease_namespace: str = "skyshift-system"
+    lease_name: str = "skyshift-manager"
+    #: Seconds a Lease is valid after its last renewal; a standby takes over once it passes.
+    lease_duration: float = 4.0
+    #: Seconds the leader keeps trying to renew before it stops acting. Must be below
+    #: lease_duration, leaving time to stop the controllers before a standby may take over.
+    renew_deadline: float = 3.0
+    #: Seconds between renewals by the leader, and between attempts by a standby.
+    retry_period: float = 0.5
+    #: Seconds the manager waits for the API server at start-up (0: forever).
+    api_wait_timeout: float = 60.0
+    #: Seconds the manager gives its controllers to stop on shutdown.
+    shutdown_grace: float = 5.0
+    #: Events an EventRecorder buffers before it drops new ones (events are best effort).
+    event_queue_size: int = 10_000
+    #: Job controller: delay before replacing an exited replica, initial * 2**job restarts, capped.
+    job_restart_backoff_initial: float = 1.0
+    job_restart_backoff_max: float = 300.0
+    #: Seconds between passes of the namespace controller over a namespace being deleted,
+    #: while objects with finalizers in it are still finishing.
+    namespace_cleanup_interval: float = 0.5
+    #: Job controller: seconds before it looks again at a Replica bound to a cluster its cache
+    #: does not show yet (is the cluster new, or gone?).
+    job_cluster_recheck: float = 1.0
+
+    def workers_for(self, controller: str) -> int:
+        return self.workers.get(controller, self.default_workers)
+
+
+@dataclasses.dataclass
+class DriverSettings:
+    """Drivers (skyshift/drivers): how they start, watch, stop and read replicas."""
+    #: Seconds a stopped replica gets between SIGTERM and SIGKILL of its whole process group.
+    stop_grace_period: float = 10.0
+    #: Seconds to wait for a process group to die after SIGKILL before stop() gives up.
+    kill_timeout: float = 5.0
+    #: Seconds between checks while stop() waits for a replica's processes to end.
+    stop_poll_interval: float = 0.02
+    #: Seconds between status checks of a replica whose exit cannot be watched directly
+    #: (no pidfd, or its pid not yet recorded).
+    poll_interval: float = 1.0
+    #: Seconds a replica's wrapper process may take to record its pid after it started.
+    pid_file_timeout: float = 5.0
+    #: Seconds between re-reads of a log file that `logs(follow=True)` has read to its end.
+    log_follow_interval: float = 0.1
+    #: Bytes of log read and sent per chunk.
+    log_chunk_bytes: int = 64 * 1024
+    #: Seconds an `exec` command may run before its process group is killed.
+    exec_timeout: float = 300.0
+    #: Bytes of an `exec` command's output kept; the rest is dropped and marked as truncated.
+    exec_max_output_bytes: int = 16 * 1024 * 1024
+    #: Seconds `nvidia-smi` may take to list the machine's GPUs.
+    gpu_probe_timeout: float = 10.0
+
+
+@dataclasses.dataclass
+class SkyletSettings:
+    """Skylets (skylet/), the cluster controller that supervises them (controllers/cluster.py),
+    and the local control plane skyctl starts by itself (skyshift/localmode.py)."""
+    #: "host:port" a skylet serves SkyletService (logs, exec) on for the API server; port 0 picks
+    #: a free one, published in Cluster.status.agent_endpoint.
+    listen: str = "127.0.0.1:0"
+    #: Seconds between a skylet's heartbeats: Cluster status with phase, capacity and
+    #: allocatable per node, heartbeat_time.
+    heartbeat_interval: float = 2.0
+    #: Seconds a skylet waits after a replica starts or finishes before an early heartbeat, so
+    #: the allocatable it reports follows its replicas quickly; changes in this window share one.
+    heartbeat_debounce: float = 0.2
+    #: Seconds without a heartbeat after which the cluster controller marks a cluster NOT_READY.
+    not_ready_grace: float = 10.0
+    #: Seconds a cluster may stay NOT_READY before its unfinished replicas are EVICTED, so the
+    #: job controller replaces them on other clusters.
+    eviction_grace: float = 30.0
+    #: Backoff (seconds) before the cluster controller restarts a skylet that exited:
+    #: initial * 2**restarts, capped; reset once a skylet has run for restart_reset seconds.
+    restart_backoff_initial: float = 0.5
+    restart_backoff_max: float = 30.0
+    restart_reset: float = 60.0
+    #: Seconds between the cluster controller's checks that its skylets are alive and
+    #: heartbeating, and between a skylet's full re-checks of its replicas through the driver
+    #: (a safety net beside the driver's status stream).
+    status_poll_interval: float = 1.0
+    #: Seconds a probe of a new cluster (e.g. ssh connectivity and resources) may take.
+    probe_timeout: float = 30.0
+    #: Seconds a skylet goes on without reaching the API server before it exits, so skylets do
+    #: not outlive their control plane. Its replicas keep running; the cluster controller starts
+    #: a new skylet, which adopts them, once the API answers again.
+    api_lost_timeout: float = 30.0
+    #: Seconds a stopping skylet waits for SIGTERM to end it before SIGKILL; it also bounds how
+    #: long a skylet gives in-flight logs/exec calls on shutdown.
+    stop_timeout: float = 10.0
+    #: Seconds skyctl waits for the lock under which it starts the local control plane (another
+    #: skyctl may be starting it at the same moment).
+    local_lock_timeout: float = 60.0
+
+
+@dataclasses.dataclass
+class SchedulerSettings:
+    """The scheduler (scheduler/): batching, score weights and retries of unschedulable replicas."""
+    #: Pending replicas decided together and bound with one BatchUpdate (chunked by
+    #: api.max_batch_items).
+    batch_size: int = 500
+    #: Batches in flight: one is decided while the previous ones are being written.
+    parallel_batches: int = 2
+    #: Weights of the scores (each 0-100): placement.preferences, spreading a job's replicas over
+    #: clusters, and free capacity (LeastAllocated). 0 disables a score.
+    weight_preferences: float = 3.0
+    weight_spread: float = 2.0
+    weight_least_allocated: float = 1.0
+    #: Seconds after a change of clusters, policies or capacity before unschedulable replicas are
+    #: tried again; changes within this window are handled by one retry.
+    unschedulable_retry_delay: float = 0.2
+    #: Seconds between retries of unschedulable replicas even when nothing seemed to change.
+    unschedulable_retry_period: float = 60.0
+
+
+@dataclasses.dataclass
+class SSHSettings:
+    """The ssh driver (skyshift/drivers/ssh.py): connections to a cluster's hosts."""
+    #: Seconds to open a TCP connection to a host and to finish the SSH handshake and login.
+    connect_timeout: float = 5.0
+    #: Seconds one remote command (start, status, capacity...) may take; past it the host is
+    #: treated as unreachable and every connection to it is closed. Stopping a replica adds the
+    #: drivers' stop grace period and kill timeout to this.
+    command_timeout: float = 15.0
+    #: Seconds between SSH keepalive packets on idle pooled connections (0 disables them).
+    keepalive_interval: float = 15.0
+    #: Connections kept open per (host, user).
+    pool_size: int = 4
+    #: Channels (commands, log streams) one connection carries at once; OpenSSH allows 10 by
+    #: default (MaxSessions).
+    channels_per_connection: int = 8
+    #: After a host failed, calls to it fail at once until this backoff (seconds) has passed;
+    #: it doubles with each consecutive failure up to the max.
+    retry_backoff_initial: float = 0.5
+    retry_backoff_max: float = 30.0
+    #: Threads per ssh driver running blocking SSH calls (log streams do not hold one).
+    threads: int = 16
+    #: Directory, relative to the remote user's home, holding the state of the replicas run
+    #: there: <remote_dir>/<cluster>/<node>/<namespace>/<name>/.
+    remote_dir: str = ".skyshift/replicas"
+
+
+@dataclasses.dataclass
 class Settings:
     home: str = ""
     etcd: EtcdSettings = dataclasses.field(default_factory=EtcdSettings)
     api: ApiSettings = dataclasses.field(default_factory=ApiSettings)
     watch: WatchSettings = dataclasses.field(default_factory=WatchSettings)
     client: ClientSettings = dataclasses.field(default_factory=ClientSettings)
+    controllers: ControllerSettings = dataclasses.field(default_factory=ControllerSettings)
+    scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
+    skyctl: SkyctlSettings = dataclasses.field(default_factory=SkyctlSettings)
+    drivers: DriverSettings = dataclasses.field(default_factory=DriverSettings)
+    ssh: SSHSettings = dataclasses.field(default_factory=SSHSettings)
+    skylet: SkyletSettings = dataclasses.field(default_factory=SkyletSettings)
 
     # Paths under $SKYSHIFT_HOME (DESIGN.md §6): nothing is written anywhere else.
     @property
@@ -115,6 +293,16 @@ class Settings:
     @property
     def log_dir(self) -> pathlib.Path:
         return self.home_path / "logs"
+
+    @property
+    def clusters_dir(self) -> pathlib.Path:
+        """Per-cluster state of skylets and drivers: clusters/<cluster>/..."""
+        return self.home_path / "clusters"
+
+    @property
+    def skylets_dir(self) -> pathlib.Path:
+        """Pid files of the skylets the cluster controller supervises: skylets/<name>.pid."""
+        return self.home_path / "skylets"
 
     @property
     def api_endpoint_file(self) -> pathlib.Path:
@@ -188,5 +376,6 @@ def save_client_config(settings: Settings, endpoint: Optional[str] = None, token
         client["token"] = token
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file
     with os.fdopen(fd, "w") as handle:
         yaml.safe_dump(data, handle, sort_keys=False)
