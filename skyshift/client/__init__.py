@@ -6,8 +6,9 @@
 
 Errors are the exceptions of `skyshift.api.errors` (NotFoundError, ConflictError...).
 """
-from skyshift.client.base import BatchItem, ListResult, WatchEvent, resolve_endpoint
+from skyshift.client.base import BatchItem, ExecResult, ListResult, LogChunk, WatchEvent, resolve_endpoint
 from skyshift.client.sync import Client
 from skyshift.client.aio import AsyncClient
 
-__all__ = ["Client", "AsyncClient", "ListResult", "WatchEvent", "BatchItem", "resolve_endpoint"]
+__all__ = ["Client", "AsyncClient", "ListResult", "WatchEvent", "BatchItem", "LogChunk", "ExecResult",
+           "resolve_endpoint"]

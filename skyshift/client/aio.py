@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Dict, Iterable, List, Optional
+from typing import AsyncIterator, Dict, Iterable, List, Optional, Sequence
 
 import grpc
 from google.protobuf.message import Message
@@ -152,3 +152,24 @@ class AsyncClient:
                 for event in base.relist_events(known, listed.items, listed.resource_version):
                     yield event
                 revision = listed.resource_version
+
+    async def logs(self, job: str = "", namespace: Optional[str] = None, replica: str = "",
+                   follow: bool = False) -> AsyncIterator[base.LogChunk]:
+        """Output of a job's replicas (or one replica); see Client.logs."""
+        call = self._stub.Logs(base.logs_request(job, namespace, replica, follow), metadata=self._metadata)
+        try:
+            async for chunk in call:
+                yield base.LogChunk(chunk.replica, chunk.data)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def exec(self, replica: str, command: Sequence[str], namespace: Optional[str] = None) -> base.ExecResult:
+        """Run `command` beside a running replica; see Client.exec."""
+        try:
+            response = await self._stub.Exec(base.exec_request(replica, command, namespace),
+                                             timeout=base.exec_timeout(self.settings), metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        return base.ExecResult(response.exit_code, response.output)

@@ -40,6 +40,18 @@ class BatchItem:
     error: Optional[SkyShiftError]
 
 
+@dataclasses.dataclass
+class LogChunk:
+    replica: str   # the replica the output came from
+    data: bytes
+
+
+@dataclasses.dataclass
+class ExecResult:
+    exit_code: int
+    output: bytes  # stdout and stderr together
+
+
 def resolve_endpoint(settings: config.Settings) -> str:
     """The API server address: the configured one, else the one the local server recorded."""
     if settings.client.endpoint:
@@ -117,6 +129,21 @@ def history_request(kind: str, name: str, namespace: Optional[str], limit: int) 
     resolved = kinds.resolve(kind)
     return api_pb2.HistoryRequest(kind=resolved.plural, name=name, namespace=namespace_for(resolved, namespace),
                                   limit=limit)
+
+
+def logs_request(job: str, namespace: Optional[str], replica: str, follow: bool) -> api_pb2.LogsRequest:
+    return api_pb2.LogsRequest(namespace=namespace or kinds.DEFAULT_NAMESPACE, job=job, replica=replica,
+                               follow=follow)
+
+
+def exec_request(replica: str, command: Sequence[str], namespace: Optional[str]) -> api_pb2.ExecRequest:
+    return api_pb2.ExecRequest(namespace=namespace or kinds.DEFAULT_NAMESPACE, replica=replica,
+                               command=list(command))
+
+
+def exec_timeout(settings: config.Settings) -> float:
+    """An exec call may last as long as the driver lets the command run, plus the usual margin."""
+    return settings.drivers.exec_timeout + settings.client.call_timeout
 
 
 def batch_request(objects: Iterable[Message], status: bool = False) -> api_pb2.BatchRequest:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import grpc
 from google.protobuf.message import Message
@@ -148,3 +148,27 @@ class Client:
                 listed = self.list_all(kind, namespace, label_selector, field_selector)
                 yield from base.relist_events(known, listed.items, listed.resource_version)
                 revision = listed.resource_version
+
+    def logs(self, job: str = "", namespace: Optional[str] = None, replica: str = "",
+             follow: bool = False) -> Iterator[base.LogChunk]:
+        """Output of a job's replicas (or of one replica), as the API server relays it from the
+        skylets, interleaved as it arrives. With `follow`, streams until the replicas finish.
+        Not resumed when the stream breaks (the caller decides whether to read again)."""
+        call = self._stub.Logs(base.logs_request(job, namespace, replica, follow), metadata=self._metadata)
+        try:
+            for chunk in call:
+                yield base.LogChunk(chunk.replica, chunk.data)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def exec(self, replica: str, command: Sequence[str], namespace: Optional[str] = None) -> base.ExecResult:
+        """Run `command` (argv) beside a running replica, where its cluster's driver can. Never
+        retried: the command may have side effects."""
+        try:
+            response = self._stub.Exec(base.exec_request(replica, command, namespace),
+                                       timeout=base.exec_timeout(self.settings), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return base.ExecResult(response.exit_code, response.output)

@@ -1,0 +1,4 @@
+"""`python -m skyctl`."""
+from skyctl.main import main
+
+main()
