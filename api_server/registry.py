@@ -8,12 +8,12 @@ import binascii
 import json
 import time
 import uuid
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import structlog
 from google.protobuf.message import Message
 
-from skyshift.api import kinds, validation
+from skyshift.api import conditions, kinds, validation
 from skyshift.api.errors import (AlreadyExistsError, ConflictError, GoneError, InvalidError, LimitError,
                                  NotFoundError, PreconditionError, SkyShiftError)
 from skyshift.api.selectors import FieldSelector, LabelSelector
@@ -52,6 +52,18 @@ def encode(obj: Message) -> bytes:
         obj.metadata.resource_version = revision
 
 
+def _bind(replica: Message) -> None:
+    """Setting a pending Replica's cluster (by the scheduler, or at creation for a pinned one)
+    binds it: its status turns SCHEDULED in the same write, so a placement costs one write
+    (like Kubernetes' pods/binding). Call it only when spec.cluster was empty before."""
+    if not replica.spec.cluster or replica.status.phase not in ("", "PENDING"):
+        return
+    replica.status.phase = "SCHEDULED"
+    where = f"cluster {replica.spec.cluster}" + (f", node {replica.spec.node}" if replica.spec.node else "")
+    conditions.set_condition(replica.status.conditions, "Scheduled", conditions.TRUE, "Scheduled", f"bound to {where}",
+                             replica.metadata.generation)
+
+
 def describe(kind: kinds.Kind, namespace: str, name: str) -> str:
     where = f' in namespace "{namespace}"' if kind.namespaced else ""
     return f'{kind.name.lower()} "{name}"{where}'
@@ -65,6 +77,8 @@ class Registry:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
         self.settings = settings
+        #: namespace -> the guard of its last successful check (see _namespace_guard).
+        self._namespace_guards: Dict[str, Tuple[bytes, int]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -103,7 +117,15 @@ class Registry:
             raise NotFoundError(f"{describe(kind, namespace, name)} not found")
         return entry, decode(kind, entry)
 
-    async def _namespace_guard(self, namespace: str) -> Tuple[bytes, int]:
+    async def _namespace_guard(self, namespace: str, fresh: bool) -> Tuple[bytes, int]:
+        """(namespace key, mod_revision) of an existing namespace not being deleted. Unless
+        `fresh`, the last one seen is reused (saving an etcd read per create): it is only the
+        precondition of the write, so a stale one fails the write with ConflictError and the
+        caller asks again with `fresh`."""
+        guard = None if fresh else self._namespace_guards.get(namespace)
+        if guard is not None:
+            return guard
+        self._namespace_guards.pop(namespace, None)
         ns_kind = kinds.resolve("namespaces")
         key = self.key(ns_kind, "", namespace)
         entry = await self.store.get(key)
@@ -111,14 +133,15 @@ class Registry:
             raise NotFoundError(f'namespace "{namespace}" not found (create it first)')
         if decode(ns_kind, entry).metadata.HasField("deletion_timestamp"):
             raise PreconditionError(f'namespace "{namespace}" is being deleted')
-        return key, entry.mod_revision
+        guard = self._namespace_guards[namespace] = (key, entry.mod_revision)
+        return guard
 
     # ------------------------------------------------------------------ create
 
     def admit_new(self, kind: kinds.Kind, obj: Message, request_namespace: str) -> Tuple[str, Message]:
         """Validate and default a new object; returns (namespace, object ready to store)."""
         namespace = self._request_namespace(kind, request_namespace, obj)
-        validation.check_no_unknown_fields(obj)
+        validation.check_wire_values(obj)
         validation.validate_metadata(kind, obj)
         validation.validate_spec(kind, obj)
         meta = obj.metadata
@@ -130,6 +153,8 @@ class Registry:
         obj.ClearField("status")  # status is written only through UpdateStatus
         if kind.name in INITIAL_PHASE:
             obj.status.phase = INITIAL_PHASE[kind.name]
+        if kind.name == "Replica":
+            _bind(obj)
         if kind.name == "Namespace" and NAMESPACE_FINALIZER not in meta.finalizers:
             meta.finalizers.append(NAMESPACE_FINALIZER)
         return namespace, obj
@@ -140,15 +165,15 @@ class Registry:
         data = encode(obj)
         self._check_size(data)
         key = self.key(kind, namespace, obj.metadata.name)
-        for _ in range(3):
-            guard = await self._namespace_guard(namespace) if kind.namespaced else None
+        for attempt in range(3):
+            guard = await self._namespace_guard(namespace, fresh=attempt > 0) if kind.namespaced else None
             try:
                 obj.metadata.resource_version = await self.store.create(key, data, guard)
                 return obj
             except AlreadyExistsError:
                 raise AlreadyExistsError(f"{describe(kind, namespace, obj.metadata.name)} already exists") from None
             except ConflictError:
-                continue  # the namespace changed between our read and the write: check it again
+                continue  # the namespace changed since we last read it: check it again
         raise ConflictError(f'namespace "{namespace}" keeps changing; retry')
 
     async def ensure_namespaces(self) -> None:
@@ -276,7 +301,7 @@ class Registry:
     async def update(self, envelope, request_namespace: str, status: bool) -> Message:
         kind, obj = kinds.unwrap(envelope)
         namespace = self._request_namespace(kind, request_namespace, obj)
-        validation.check_no_unknown_fields(obj)
+        validation.check_wire_values(obj)
         name = obj.metadata.name
         self._validate_address(kind, namespace, name)
         if obj.metadata.resource_version <= 0:
@@ -323,6 +348,8 @@ class Registry:
         if updated.spec != obj.spec:
             updated.spec.CopyFrom(obj.spec)
             meta.generation += 1
+        if kind.name == "Replica" and not current.spec.cluster:
+            _bind(updated)
         return updated
 
     @staticmethod

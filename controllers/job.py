@@ -35,7 +35,7 @@ from skyshift import config
 from skyshift.api.errors import AlreadyExistsError, ConflictError, NotFoundError
 from skyshift.client import AsyncClient
 from skyshift.runtime import Controller, EventRecorder, InformerFactory, clone
-from skyshift.runtime.conditions import FALSE, TRUE, now, set_condition
+from skyshift.api.conditions import FALSE, TRUE, now, set_condition
 from skyshift.runtime.indexes import REPLICAS_BY_CLUSTER, REPLICAS_BY_JOB, replica_cluster, replica_job
 from skyshift.v1 import objects_pb2 as pb
 

@@ -2,9 +2,9 @@
 
 Informers follow Clusters, Replicas, FilterPolicies and Jobs. A Replica is pending while its
 spec.cluster is empty; its key is queued. Each worker drains up to `batch_size` keys, decides
-them together (scheduler.framework, holding capacity in the ledger), binds the placed ones with
-one BatchUpdate (spec.cluster and spec.node, compare-and-swap on resource_version), then marks
-them SCHEDULED with one status BatchUpdate. Every item of a batch succeeds or fails alone: a
+them together (scheduler.framework, holding capacity in the ledger), and binds the placed ones
+with one BatchUpdate (spec.cluster and spec.node, compare-and-swap on resource_version); the
+API server marks a Replica SCHEDULED in that same write. Every item of a batch succeeds or fails alone: a
 conflict re-queues that replica only, with backoff.
 
 A replica that fits nowhere stays PENDING with the condition Scheduled=False, reason
@@ -25,8 +25,9 @@ import structlog
 
 from skyshift import config
 from skyshift.api.errors import ConflictError, NotFoundError, SkyShiftError
+from skyshift.api import conditions
 from skyshift.client import AsyncClient
-from skyshift.runtime import Controller, EventRecorder, InformerFactory, clone, conditions, object_key
+from skyshift.runtime import Controller, EventRecorder, InformerFactory, clone, object_key
 from skyshift.runtime.events import NORMAL, WARNING
 from skyshift.runtime.indexes import REPLICAS_BY_JOB, replica_job
 from skyshift.v1 import objects_pb2 as pb
@@ -49,12 +50,6 @@ UNSTARTED_PHASES = ("", "PENDING")
 def is_pending(replica: pb.Replica) -> bool:
     """Waiting for the scheduler: not bound, not started, not being deleted."""
     return (not replica.spec.cluster and replica.status.phase in UNSTARTED_PHASES
-            and not replica.metadata.HasField("deletion_timestamp"))
-
-
-def needs_scheduled_status(replica: pb.Replica) -> bool:
-    """Bound, but its status does not say so yet (e.g. the status write after a bind failed)."""
-    return (bool(replica.spec.cluster) and replica.status.phase in UNSTARTED_PHASES
             and not replica.metadata.HasField("deletion_timestamp"))
 
 
@@ -118,7 +113,7 @@ class Scheduler(Controller):
         else:
             freed = self.ledger.observe(replica)
             if not self._known_to_us(key, replica.metadata.resource_version):
-                if is_pending(replica) or needs_scheduled_status(replica):
+                if is_pending(replica):
                     self.queue.add(key)
                 else:
                     self._unschedulable.discard(key)
@@ -198,15 +193,16 @@ class Scheduler(Controller):
 
     async def schedule_batch(self, keys: List[str]) -> None:
         started = time.monotonic()
-        pending, bound_unmarked = self._classify(keys)
+        pending = self._classify(keys)
         requests, waiting = self._requests(pending)
         decisions = self.framework.schedule(requests, self.clusters.list(), self._state())
         placed = [d for d in decisions if d.placed]
         failed = [d for d in decisions if not d.placed]
         try:
             newly_bound = await self._bind(placed, pending)
-            status_writes = [self._scheduled_status(replica) for replica in newly_bound + bound_unmarked
-                             if needs_scheduled_status(replica)]
+            # The API server marks a Replica SCHEDULED in the bind itself; statuses left to write
+            # are those of the replicas that could not be placed.
+            status_writes = []
             for decision in failed:
                 self._unschedulable.add(decision.request.key)
                 update = self._unschedulable_status(pending[decision.request.key], REASON_UNSCHEDULABLE,
@@ -220,17 +216,16 @@ class Scheduler(Controller):
                     status_writes.append(update)
             await self._write_statuses(status_writes)
         finally:  # a write that neither succeeded nor failed (an exception) leaves no trace
-            for key in [*pending, *(object_key(r) for r in bound_unmarked)]:
+            for key in pending:
                 if self._written.get(key) == IN_FLIGHT:
                     del self._written[key]
-        if decisions or bound_unmarked:
+        if decisions:
             log.info("batch_scheduled", placed=len(placed), bound=len(newly_bound), unschedulable=len(failed),
                      waiting_for_gang=len(waiting), seconds=round(time.monotonic() - started, 4))
 
-    def _classify(self, keys: List[str]) -> Tuple[Dict[str, pb.Replica], List[pb.Replica]]:
-        """The pending replicas to decide (by key), and the bound ones whose status is behind."""
+    def _classify(self, keys: List[str]) -> Dict[str, pb.Replica]:
+        """The pending replicas to decide, by key."""
         pending: Dict[str, pb.Replica] = {}
-        bound_unmarked: List[pb.Replica] = []
         for key in keys:
             replica = self.replicas.get(key)
             if replica is None:
@@ -240,12 +235,9 @@ class Scheduler(Controller):
                 # no action, so a retry of an unschedulable replica must come back later.
                 if key in self._unschedulable:
                     self.queue.add_after(key, self.config.unschedulable_retry_delay)
-            elif is_pending(replica):
-                if not self._binding(replica):
-                    pending[key] = replica
-            elif (needs_scheduled_status(replica) and self.clusters.get(replica.spec.cluster) is not None):
-                bound_unmarked.append(replica)
-        return pending, bound_unmarked
+            elif is_pending(replica) and not self._binding(replica):
+                pending[key] = replica
+        return pending
 
     def _binding(self, replica: pb.Replica) -> bool:
         """Whether this scheduler already placed the replica and the cache has not caught up."""
@@ -351,15 +343,6 @@ class Scheduler(Controller):
             log.warning("write_failed", write=write, replica=key, error=error.message,
                         error_type=type(error).__name__)
         self.queue.add_rate_limited(key)
-
-    @staticmethod
-    def _scheduled_status(replica: pb.Replica) -> pb.Replica:
-        update = clone(replica)
-        update.status.phase = "SCHEDULED"
-        conditions.set_condition(update.status.conditions, CONDITION, conditions.TRUE, REASON_SCHEDULED,
-                                 f"bound to cluster {replica.spec.cluster}, node {replica.spec.node}",
-                                 replica.metadata.generation)
-        return update
 
     @staticmethod
     def _unschedulable_status(replica: pb.Replica, reason: str, message: str) -> Optional[pb.Replica]:

@@ -7,13 +7,13 @@
 * `controller`: Controller — the reconciler base: informers, a queue, N workers calling
   `reconcile(key)` once the caches have synced.
 * `indexes`: the secondary indexes several controllers share (replicas by job, by cluster).
-* `conditions`: set_condition / get_condition / is_true / observe_generation.
+* conditions: re-exported from skyshift.api.conditions (pure status helpers the API server shares).
 * `events`: EventRecorder — best-effort Event objects, repeats counted on one object.
 * `leader`: LeaderElector — leader election on a Lease object through the API.
 
 Settings: `skyshift.config.ControllerSettings` (`settings.controllers`).
 """
-from skyshift.runtime.conditions import get_condition, is_true, observe_generation, set_condition
+from skyshift.api.conditions import get_condition, is_true, observe_generation, set_condition
 from skyshift.runtime.controller import Controller
 from skyshift.runtime.events import EventRecorder
 from skyshift.runtime.informer import Informer, InformerFactory, clone, key_of, object_key, split_key

@@ -25,7 +25,7 @@ from skyshift import config
 from skyshift.api import kinds
 from skyshift.api.errors import AlreadyExistsError, ConflictError, NotFoundError, SkyShiftError
 from skyshift.client import AsyncClient
-from skyshift.runtime.conditions import now
+from skyshift.api.conditions import now
 from skyshift.v1 import objects_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 NORMAL, WARNING = "Normal", "Warning"
 #: Attempts to bump an existing Event's count when it keeps changing under us.
 _UPDATE_ATTEMPTS = 3
+#: Most events written in one BatchCreate.
+_BATCH = 500
 
 
 def event_name(kind: str, namespace: str, name: str, uid: str, type_: str, reason: str, message: str) -> str:
@@ -94,19 +96,28 @@ class EventRecorder:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            event = self._pending.popleft()
+            # Whatever piled up goes in one BatchCreate: bursts (a scheduler placing thousands of
+            # replicas) cost one call per batch instead of one per event.
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), _BATCH))]
             try:
-                await self._write(event)
+                results = await self.client.batch_create(batch)
             except SkyShiftError as error:
-                log.warning("event_write_failed", event=event.metadata.name, reason=event.spec.reason,
-                            error=error.message)
+                log.warning("event_write_failed", count=len(batch), error=error.message)
+                continue
+            for event, result in zip(batch, results):
+                error = result.error
+                if isinstance(error, AlreadyExistsError):
+                    try:
+                        await self._count_repeat(event)
+                        continue
+                    except SkyShiftError as repeat_error:
+                        error = repeat_error
+                if error is not None:
+                    log.warning("event_write_failed", event=event.metadata.name, reason=event.spec.reason,
+                                error=error.message)
 
-    async def _write(self, event: pb.Event) -> None:
-        try:
-            await self.client.create(event)
-            return
-        except AlreadyExistsError:
-            pass
+    async def _count_repeat(self, event: pb.Event) -> None:
+        """The same event happened again: bump the existing Event's count and last_time."""
         for _ in range(_UPDATE_ATTEMPTS):
             try:
                 existing = await self.client.get("events", event.metadata.name, event.metadata.namespace)

@@ -13,7 +13,7 @@ import pytest
 from controllers.job import FINALIZER, JOB_LABEL, UNBOUND, JobController, replica_name
 from skyshift.api.errors import ConflictError, NotFoundError
 from skyshift.client import AsyncClient
-from skyshift.runtime.conditions import get_condition
+from skyshift.api.conditions import get_condition
 from skyshift.v1 import objects_pb2 as pb
 from tests.conftest import async_wait_for
 

@@ -1,4 +1,4 @@
-"""Status helpers: conditions (`status.conditions`, repeated pb.Condition) and observed_generation.
+"""Status helpers (pure; the API server uses them too): conditions (`status.conditions`, repeated pb.Condition) and observed_generation.
 
 A condition's last_transition_time changes only when its status changes, so re-computing the
 same conditions on every reconcile leaves the object byte-for-byte equal and causes no write.
