@@ -33,6 +33,9 @@ CONTROLLERS: Dict[str, str] = {
     "scheduler": "scheduler.scheduler:Scheduler",
     "cluster": "controllers.cluster:ClusterController",
     "namespace": "controllers.namespace:NamespaceController",
+    "endpoints": "controllers.endpoints:EndpointsController",
+    "service": "controllers.service:ServiceController",
+    "link": "controllers.link:LinkController",
 }
 
 
@@ -46,6 +49,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     return parser.parse_args(argv)
+
+
+def use_manager_token(settings: config.Settings) -> None:
+    """With authentication on, the API server wrote the manager's own token to
+    $SKYSHIFT_HOME/manager/token: act with it rather than with config.yaml's (admin) token.
+    SKYSHIFT_TOKEN, when set, still wins."""
+    if os.environ.get("SKYSHIFT_TOKEN"):
+        return
+    try:
+        token = settings.manager_token_file.read_text().strip()
+    except FileNotFoundError:
+        return
+    if token:
+        settings.client.token = token
 
 
 def load_factories(names: Optional[List[str]]):
@@ -87,6 +104,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {"client": {"endpoint": args.server}} if args.server else None
     settings = config.load(pathlib.Path(os.path.expanduser(args.home)) if args.home else None, overrides=overrides)
+    use_manager_token(settings)
     skyshift_logging.configure(args.log_level, json=args.log_json)
     from skyshift.runtime import default_identity
 

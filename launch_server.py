@@ -1,6 +1,6 @@
 """Start the SkyShift API server (and, with no etcd configured, the embedded etcd).
 
-    python launch_server.py [--home DIR] [--etcd HOST:PORT[,HOST:PORT...]] [--listen HOST:PORT]
+    python launch_server.py [--home DIR] [--etcd HOST:PORT[,HOST:PORT...]] [--listen HOST:PORT] [--auth] [--tls]
 
 Writes its address to $SKYSHIFT_HOME/api/endpoint and its pid to $SKYSHIFT_HOME/api/pid, and
 stops cleanly (removing both, stopping the embedded etcd) on SIGTERM or SIGINT.
@@ -27,6 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--home", help="instance directory (default $SKYSHIFT_HOME or ~/.skyshift)")
     parser.add_argument("--etcd", help="existing etcd members HOST:PORT[,HOST:PORT...]; default: embedded etcd")
     parser.add_argument("--listen", help="address to serve on, HOST:PORT (port 0: any free port)")
+    parser.add_argument("--auth", action="store_true",
+                        help="require a bearer token on every call and check access (settings.auth.enabled)")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve TLS, with a CA and certificate made under $SKYSHIFT_HOME/tls unless "
+                             "configured (settings.tls)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     return parser.parse_args(argv)
@@ -85,6 +90,10 @@ def main(argv=None) -> int:
         overrides.setdefault("etcd", {})["endpoints"] = args.etcd
     if args.listen:
         overrides.setdefault("api", {})["listen"] = args.listen
+    if args.auth:
+        overrides["auth"] = {"enabled": True}
+    if args.tls:
+        overrides["tls"] = {"enabled": True}
     settings = config.load(pathlib.Path(os.path.expanduser(args.home)) if args.home else None, overrides=overrides)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     skyshift_logging.configure(args.log_level, json=args.log_json)

@@ -21,6 +21,8 @@ from skyshift.config import Settings
 from skyshift.store.etcd import (Entry, FutureRevisionError, Store, kind_prefix, namespace_prefix, object_key,
                                  prefix_end)
 
+from api_server import context as request_context
+
 log = structlog.get_logger(__name__)
 
 #: Namespaces the server creates on start.
@@ -243,12 +245,13 @@ class Registry:
         revision, start = 0, prefix
         if continue_token:
             revision, start = self._decode_continue(continue_token, prefix)
-        max_items = limit or self.settings.api.max_list_items
+        max_items = limit or request_context.max_list_items(self.settings.api.max_list_items)
         chunk = self.settings.etcd.list_chunk
         items: List[Message] = []
         last_key = b""
         more = False
-        filtering = not labels.empty() or not fields.empty()
+        visible = request_context.visibility()  # None: the caller may see every object
+        filtering = not labels.empty() or not fields.empty() or visible is not None
         while True:
             # Without filters we know exactly how many keys we still need (+1 to see if more exist).
             want = min(chunk, max_items - len(items) + 1) if not filtering else chunk
@@ -260,7 +263,8 @@ class Registry:
             revision = revision or page.revision
             for entry in page.entries:
                 obj = decode(kind, entry)
-                if filtering and not (labels.matches(obj.metadata.labels) and fields.matches(obj)):
+                if filtering and not (labels.matches(obj.metadata.labels) and fields.matches(obj)
+                                      and (visible is None or visible(obj))):
                     last_key = entry.key
                     continue
                 if len(items) == max_items:
@@ -308,6 +312,7 @@ class Registry:
             raise InvalidError("metadata.resource_version", "required: get the object first and send it back "
                                                             "with its resource_version")
         entry, current = await self._read(kind, namespace, name)
+        request_context.check_stored(kind, current)  # may the caller change it as stored?
         if entry.mod_revision != obj.metadata.resource_version:
             raise ConflictError(f"{describe(kind, namespace, name)} was modified (resource_version "
                                 f"{entry.mod_revision}, request had {obj.metadata.resource_version}): re-read it "
@@ -316,6 +321,8 @@ class Registry:
             raise ConflictError(f"{describe(kind, namespace, name)} was deleted and re-created (uid "
                                 f"{current.metadata.uid}, request had {obj.metadata.uid})")
         updated = self._status_update(kind, current, obj) if status else self._spec_update(kind, current, obj)
+        if kind.name == "Namespace":
+            await self._keep_namespace_finalizer(current, updated)
         if updated == current:
             return current  # nothing changed: no new revision
         meta = updated.metadata
@@ -368,6 +375,7 @@ class Registry:
             namespace = kinds.DEFAULT_NAMESPACE
         self._validate_address(kind, namespace, name)
         entry, current = await self._read(kind, namespace, name)
+        request_context.check_stored(kind, current)  # may the caller change it as stored?
         if resource_version and resource_version != entry.mod_revision:
             raise ConflictError(f"{describe(kind, namespace, name)} was modified (resource_version "
                                 f"{entry.mod_revision}, precondition {resource_version})")
@@ -385,6 +393,23 @@ class Registry:
             return current
         await self.store.delete(key, entry.mod_revision)
         return current
+
+    async def _keep_namespace_finalizer(self, current: Message, updated: Message) -> None:
+        """A Namespace keeps its finalizer until it is being deleted and empty (no object can be
+        created in it then): no object outlives its namespace, whoever removes the finalizer."""
+        finalizers = updated.metadata.finalizers
+        if NAMESPACE_FINALIZER in finalizers:
+            return
+        if not updated.metadata.HasField("deletion_timestamp"):
+            finalizers.append(NAMESPACE_FINALIZER)  # as on create: a client's update cannot drop it
+            return
+        name = current.metadata.name
+        counts = await asyncio.gather(*(self.store.count(namespace_prefix(kind.plural, name))
+                                        for kind in kinds.all_kinds() if kind.namespaced))
+        remaining = sum(count for count, _ in counts)
+        if remaining:
+            raise PreconditionError(f'namespace "{name}" still holds {remaining} objects: its finalizer '
+                                    f'{NAMESPACE_FINALIZER} goes once they are deleted')
 
     @staticmethod
     def _check_namespace_deletable(namespace: str) -> None:

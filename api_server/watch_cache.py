@@ -23,6 +23,8 @@ from skyshift.config import WatchSettings
 from skyshift.store.etcd import Change, Store, kind_prefix, split_key
 from skyshift.v1 import api_pb2
 
+from api_server import context as request_context
+
 log = structlog.get_logger(__name__)
 
 ADDED, MODIFIED, DELETED, BOOKMARK = (api_pb2.WatchEvent.ADDED, api_pb2.WatchEvent.MODIFIED,
@@ -89,7 +91,9 @@ class Watcher:
         self.name = request.name
         self.labels = LabelSelector.parse(request.label_selector)
         self.fields = FieldSelector.parse(request.field_selector, cache.kind.message.DESCRIPTOR)
-        self.filtering = not self.labels.empty() or not self.fields.empty()
+        #: The objects the caller may see (api_server/context.py); None: all.
+        self.visible = request_context.visibility()
+        self.filtering = not self.labels.empty() or not self.fields.empty() or self.visible is not None
         self.allow_bookmarks = request.allow_bookmarks
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=settings.client_queue_events)
         self.bookmark_interval = settings.bookmark_interval
@@ -98,7 +102,8 @@ class Watcher:
         self.error: Optional[Exception] = None
 
     def _selected(self, obj: Optional[Message]) -> bool:
-        return obj is not None and self.labels.matches(obj.metadata.labels) and self.fields.matches(obj)
+        return (obj is not None and self.labels.matches(obj.metadata.labels) and self.fields.matches(obj)
+                and (self.visible is None or self.visible(obj)))
 
     def event_type(self, event: CachedEvent) -> Optional[int]:
         """The type this stream sees the event as, or None if it does not see it. With
@@ -196,20 +201,24 @@ class KindCache:
         delay = self.settings.restart_backoff_initial
         start = 0
         while True:
+            # Replaying from the initial revision and no change received yet. (Not `ready`: etcd
+            # 3.5.1 answers progress requests before the replay, and even before the compaction error.)
+            replaying = start == 0
             try:
                 if start == 0:
                     start = await self._initial_revision()
                 async for revision, changes in self.store.watch(kind_prefix(self.kind.plural), start,
                                                                 self.settings.progress_interval):
                     self._apply(revision, changes)
+                    replaying = replaying and not changes
                     start = self.current + 1
                     delay = self.settings.restart_backoff_initial
             except GoneError as error:
                 compacted = getattr(error, "compact_revision", 0)
-                if not self.ready.is_set() and compacted:
+                if replaying and compacted:
                     # The history we hoped to replay is partly compacted: start at what is left.
                     start = compacted
-                    self.oldest = self.current = start - 1
+                    self._forget_before(start - 1)
                     continue
                 # We were away so long that etcd compacted what we missed: every stream must re-list.
                 log.warning("watch_cache_compacted", kind=self.kind.plural, error=str(error))
@@ -235,6 +244,13 @@ class KindCache:
         # Events from `start` to `current` replay from etcd; streams wait until they are in.
         self._catch_up_to = current
         return start
+
+    def _forget_before(self, revision: int) -> None:
+        """History up to `revision` is compacted: streams that wanted older events must re-list."""
+        self.oldest = self.current = revision
+        for watcher in list(self.watchers()):
+            if watcher.revision < revision:
+                watcher.fail(GoneError(f"resource_version {watcher.revision} is compacted: re-list"))
 
     def _reset(self, error: Exception) -> None:
         for watcher in list(self.watchers()):

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List
 from google.protobuf.message import Message
 
 from skyshift.api import kinds
-from skyshift.api.errors import InvalidError
+from skyshift.api.errors import InvalidError, NotFoundError
 
 from skyctl import printers
 
@@ -26,8 +26,21 @@ def job_replicas(client, job: Message, now: float) -> printers.Section:
     return printers.objects_section("Replicas", kinds.resolve("replicas"), ordered, now, exclude=("JOB",))
 
 
+def service_endpoints(client, service: Message, now: float) -> printers.Section:
+    """The Service's endpoints per cluster, from its Endpoints object (made by the endpoints controller)."""
+    try:
+        endpoints = client.get("endpoints", service.metadata.name, service.metadata.namespace)
+    except NotFoundError:
+        return printers.Section("Endpoints", [], [])
+    primary = endpoints.spec.primary_cluster
+    rows = [[cluster + (" (primary)" if cluster == primary else ""), f"{e.address}:{e.port}", e.node or printers.NONE]
+            for cluster in sorted(endpoints.spec.endpoints) for e in endpoints.spec.endpoints[cluster].endpoints]
+    return printers.Section("Endpoints", ["CLUSTER", "ADDRESS", "NODE"], rows)
+
+
 RELATED: Dict[str, List[SectionFetcher]] = {
     "Job": [job_replicas],
+    "Service": [service_endpoints],
 }
 
 

@@ -134,7 +134,7 @@ def logs(session, job: str, replica: Optional[str], follow: bool, namespace: Opt
 
 # ---------------------------------------------------------------------------- exec
 
-@click.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("job")
 @replica_option
 @namespace_option
@@ -150,8 +150,6 @@ def exec_command(session, job: str, replica: Optional[str], namespace: Optional[
       skyctl exec train --replica 1 -- cat /etc/hostname
     """
     args = list(command)
-    if args and args[0] == "--":
-        args = args[1:]
     if not args:
         raise click.UsageError("give the command after --, e.g. skyctl exec JOB -- ls")
     client = session.client
@@ -256,11 +254,12 @@ class JobTracker:
         return f"job {self.name}: {self.phase} ({wanted} replica{'s' if wanted != 1 else ''}{': ' + detail if detail else ''})"
 
     def exit_code(self) -> int:
-        """0 for a completed job; else the exit code of the first failed replica (by rank), or 1."""
+        """0 for a completed job; else the exit code of the replica that failed first (the one
+        that failed the job), or 1 when no replica has one (e.g. they were evicted)."""
         if self.job.status.phase == "COMPLETED":
             return 0
-        failed = [r for r in sorted(self.replicas.values(), key=lambda r: r.spec.rank)
-                  if r.status.phase == "FAILED" and r.status.exit_code]
+        failed = sorted((r for r in self.replicas.values() if r.status.phase == "FAILED" and r.status.exit_code),
+                        key=lambda r: (r.status.finish_time.ToNanoseconds(), r.spec.rank))
         return failed[0].status.exit_code if failed else 1
 
 

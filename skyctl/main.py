@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import click
 
 from skyctl import jobs_cmds  # logs, exec, create job --wait (click only at import time)
+from skyctl import auth_cmds  # login, create user, auth can-i (click only at import time)
 
 OUTPUT_FORMATS = ("table", "wide", "yaml", "json", "name")
 UNREACHABLE = "cannot reach the API server at {endpoint} (start it with skyctl api start)"
@@ -884,6 +885,10 @@ def api_info(session: Session) -> None:
 
 cli.add_command(jobs_cmds.logs)
 cli.add_command(jobs_cmds.exec_command)
+
+# ---------------------------------------------------------------------------- users and access (skyctl/auth_cmds.py)
+
+auth_cmds.register(cli, create)
 
 
 def main() -> None:

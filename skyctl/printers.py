@@ -249,6 +249,7 @@ COLUMNS: Dict[str, List[Column]] = {
     "Endpoints": [
         NAME, Column("ENDPOINTS", _endpoint_addresses), AGE,
         Column("CLUSTERS", lambda ep, now: ",".join(sorted(ep.spec.endpoints)) or NONE, wide_only=True),
+        Column("PRIMARY", _text(lambda ep: ep.spec.primary_cluster), wide_only=True),
     ],
     "Link": [
         NAME, Column("SOURCE", lambda link, now: link.spec.source_cluster),

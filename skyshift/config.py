@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 DEFAULT_HOME = "~/.skyshift"
 CONFIG_FILE = "config.yaml"
@@ -89,6 +89,12 @@ class ClientSettings:
     list_page_size: int = 5000
     #: Seconds to wait for a local control plane that skyctl started in the background.
     local_start_timeout: float = 30.0
+    #: PEM file of the CA the API server's certificate is checked against; set: connect with TLS
+    #: (a local server that made its own CA writes this; remote: `skyctl login --ca-file`).
+    ca_file: str = ""
+    #: Client certificate and key (PEM) for servers that require mutual TLS (tls.client_auth).
+    cert_file: str = ""
+    key_file: str = ""
 
 
 @dataclasses.dataclass
@@ -208,8 +214,8 @@ class SkyletSettings:
     #: not outlive their control plane. Its replicas keep running; the cluster controller starts
     #: a new skylet, which adopts them, once the API answers again.
     api_lost_timeout: float = 30.0
-    #: Seconds a stopping skylet waits for SIGTERM to end it before SIGKILL; it also bounds how
-    #: long a skylet gives in-flight logs/exec calls on shutdown.
+    #: Seconds the cluster controller waits for a skylet to exit after SIGTERM before SIGKILL; a
+    #: stopping skylet gives its in-flight logs/exec calls half of it.
     stop_timeout: float = 10.0
     #: Seconds skyctl waits for the lock under which it starts the local control plane (another
     #: skyctl may be starting it at the same moment).
@@ -264,6 +270,121 @@ class SSHSettings:
 
 
 @dataclasses.dataclass
+class GatewaySettings:
+    """Service gateways (skyshift/gateway), run by skylets for their clusters, and the Link
+    controller that probes them (controllers/link.py)."""
+    #: Address of the gateway of the cluster named `local` (the default cluster). Every other
+    #: cluster's gateway gets a stable address derived from its name in `address_network`, so the
+    #: gateways of several clusters on one machine never share an address; the Cluster annotation
+    #: gateway.skyshift.dev/address overrides both.
+    local_address: str = "127.0.0.1"
+    address_network: str = "127.128.0.0/9"
+    #: Port of a gateway's mesh listener, which remote gateways reach over a Link; 0 picks a free
+    #: one, published in the Cluster annotation gateway.skyshift.dev/mesh.
+    mesh_port: int = 0
+    #: Seconds to open a connection to an endpoint, or to a remote gateway including its handshake.
+    connect_timeout: float = 2.0
+    #: Endpoints a new connection tries (each failing one is taken out) before it is dropped.
+    connect_attempts: int = 3
+    #: Seconds between health probes of every endpoint (TCP connect, or HTTP GET of the Service's
+    #: gateway.skyshift.dev/health-path annotation; remote ones through their own gateway).
+    health_interval: float = 1.0
+    #: Seconds one health probe may take.
+    health_timeout: float = 1.0
+    #: Consecutive failed health probes after which an endpoint is taken out of rotation (a failed
+    #: connect takes it out at once); one successful probe puts it back.
+    failure_threshold: int = 2
+    #: Bytes read per call when copying a connection's data (and each stream's buffer limit).
+    buffer_size: int = 256 * 1024
+    #: Seconds a forwarded connection may carry no data in either direction before it is closed.
+    idle_timeout: float = 900.0
+    #: Seconds between attempts to bind a Service port that was in use.
+    bind_retry_interval: float = 2.0
+    #: Seconds between the Link controller's probes of the gateways a Link connects, and between
+    #: its probes of a Link that failed (e.g. while the gateways learn about a new Link).
+    link_probe_interval: float = 5.0
+    link_retry_interval: float = 1.0
+
+
+@dataclasses.dataclass
+class AuthSettings:
+    """Authentication and authorization in the API server (api_server/auth.py, rbac.py, gate.py).
+    Off by default: every caller may do everything (local single-user mode). On
+    (`launch_server.py --auth`): every call needs a bearer token of a User, and Roles bound by
+    RoleBindings decide what it may do (default deny); audit, limits and quotas apply too."""
+    enabled: bool = False
+    #: The User created on first start, bound to the built-in admin Role; its token is written to
+    #: this home's config.yaml (client.token, mode 0600).
+    admin_user: str = "admin"
+    #: The User the controller manager acts as; its token is written to $SKYSHIFT_HOME/manager/token.
+    manager_user: str = "manager"
+    #: Tokens kept per system User (manager, skylets): issuing one drops invalid and older ones.
+    system_tokens_kept: int = 4
+    #: Seconds a skylet token issued by the cluster controller stays valid (0: until revoked).
+    skylet_token_ttl: float = 0.0
+    #: Least seconds between two re-reads of Users (or Roles and RoleBindings) from etcd, made
+    #: when a token is unknown (or a request denied) in case it was issued a moment ago.
+    refresh_min_interval: float = 0.05
+
+
+@dataclasses.dataclass
+class TLSSettings:
+    """TLS of the API server (api_server/tls.py)."""
+    #: Serve TLS. With no cert_file, a CA and a server certificate are made under
+    #: $SKYSHIFT_HOME/tls/ on first start and the CA is recorded as this home's client.ca_file.
+    enabled: bool = False
+    #: PEM certificate (chain) and key to serve instead of generated ones.
+    cert_file: str = ""
+    key_file: str = ""
+    #: Require client certificates (mutual TLS) signed by client_ca_file (default: the generated CA).
+    client_auth: bool = False
+    client_ca_file: str = ""
+    #: More host names or IP addresses for the generated server certificate (besides localhost,
+    #: 127.0.0.1, ::1, this host's name and the listen address).
+    hosts: List[str] = dataclasses.field(default_factory=list)
+    #: Days the generated CA and server certificate are valid.
+    ca_days: int = 3650
+    cert_days: int = 365
+
+
+@dataclasses.dataclass
+class AuditSettings:
+    """The audit log of writes and refused requests (api_server/audit.py), kept when auth is on."""
+    enabled: bool = True
+    #: The JSON-lines file; empty: $SKYSHIFT_HOME/audit/audit.log.
+    path: str = ""
+    #: Seconds between writes of buffered lines to the file, and lines that trigger one sooner.
+    flush_interval: float = 0.2
+    flush_lines: int = 1000
+    #: Lines buffered at most while the disk lags; beyond, lines are dropped and their count logged
+    #: (and written as an `audit_lines_dropped` record).
+    max_pending_lines: int = 1_000_000
+
+
+@dataclasses.dataclass
+class LimitSettings:
+    """Fairness between users (api_server/limits.py), enforced when auth is on."""
+    enabled: bool = True
+    #: Token bucket per user: requests per second, and the burst allowed above that rate (0: no
+    #: limit). One Python API server serves a few thousand calls/s: a user's share stays well
+    #: below that, so others keep theirs (bulk work uses BatchCreate/BatchUpdate: one call each).
+    requests_per_second: float = 100.0
+    request_burst: int = 200
+    #: Unary requests one user may have in flight at once.
+    max_in_flight: int = 64
+    #: Seconds a request over the rate waits (its retry hint, capped here) before it is refused,
+    #: counted in flight meanwhile: a client looping on refusals slows down instead of keeping
+    #: the server busy refusing it.
+    refusal_delay_max: float = 1.0
+    #: Watch streams one user may have open at once.
+    max_watches: int = 100
+    #: Items one List may return for a user (its `limit` may not be larger; larger lists page).
+    max_list_items: int = 10_000
+    #: The manager and skylets are not limited (they act for every user).
+    exempt_system: bool = True
+
+
+@dataclasses.dataclass
 class Settings:
     home: str = ""
     etcd: EtcdSettings = dataclasses.field(default_factory=EtcdSettings)
@@ -276,6 +397,11 @@ class Settings:
     drivers: DriverSettings = dataclasses.field(default_factory=DriverSettings)
     ssh: SSHSettings = dataclasses.field(default_factory=SSHSettings)
     skylet: SkyletSettings = dataclasses.field(default_factory=SkyletSettings)
+    gateway: GatewaySettings = dataclasses.field(default_factory=GatewaySettings)
+    auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
+    tls: TLSSettings = dataclasses.field(default_factory=TLSSettings)
+    audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
+    limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
 
     # Paths under $SKYSHIFT_HOME (DESIGN.md §6): nothing is written anywhere else.
     @property
@@ -311,6 +437,20 @@ class Settings:
     @property
     def config_file(self) -> pathlib.Path:
         return self.home_path / CONFIG_FILE
+
+    @property
+    def tls_dir(self) -> pathlib.Path:
+        """Generated CA and server certificate (api_server/tls.py)."""
+        return self.home_path / "tls"
+
+    @property
+    def manager_token_file(self) -> pathlib.Path:
+        """The controller manager's token, written by the API server when auth is on (0600)."""
+        return self.home_path / "manager" / "token"
+
+    @property
+    def audit_log_file(self) -> pathlib.Path:
+        return pathlib.Path(self.audit.path) if self.audit.path else self.home_path / "audit" / "audit.log"
 
 
 def home_dir(env: Optional[Dict[str, str]] = None) -> pathlib.Path:
@@ -361,8 +501,10 @@ def load(home: Optional[pathlib.Path] = None, env: Optional[Dict[str, str]] = No
     return settings
 
 
-def save_client_config(settings: Settings, endpoint: Optional[str] = None, token: Optional[str] = None) -> None:
-    """Write the client part of config.yaml (mode 0600, since it may hold a token)."""
+def save_client_config(settings: Settings, endpoint: Optional[str] = None, token: Optional[str] = None,
+                       ca_file: Optional[str] = None) -> None:
+    """Write the client part of config.yaml (mode 0600, since it may hold a token); None leaves
+    a field as it is."""
     import yaml
 
     path = settings.config_file
@@ -374,6 +516,8 @@ def save_client_config(settings: Settings, endpoint: Optional[str] = None, token
         client["endpoint"] = endpoint
     if token is not None:
         client["token"] = token
+    if ca_file is not None:
+        client["ca_file"] = ca_file
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file

@@ -1,6 +1,7 @@
 """Validation and defaults of objects, per kind. Every error names the field path."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Dict, Iterable
 
@@ -71,8 +72,8 @@ def _check_resources(resources, field: str) -> None:
     for name, amount in resources.items():
         if not name or not LABEL_NAME.match(name):
             raise InvalidError(field, f"{name!r} is not a valid resource name")
-        if amount < 0:
-            raise InvalidError(f"{field}.{name}", f"must not be negative, got {amount:g}")
+        if not 0 <= amount < math.inf:  # also rejects NaN
+            raise InvalidError(f"{field}.{name}", f"must be a finite number, not negative, got {amount:g}")
 
 
 def _check_port(value: int, field: str, allow_zero: bool = False) -> None:
@@ -252,13 +253,20 @@ _SPEC_VALIDATORS: Dict[str, Callable[[Message], None]] = {
 }
 
 
-def check_no_unknown_fields(message: Message, path: str = "") -> None:
-    """Reject fields this server does not know (a newer client's, or garbage): they would be
-    stored without validation."""
+def check_wire_values(message: Message, path: str = "") -> None:
+    """Reject what protobuf decodes but the server must not store: fields it does not know (a
+    newer client's, or garbage), which would be stored without validation, and timestamps out of
+    the RFC 3339 range, which nobody could print."""
     unknown = unknown_fields.UnknownFieldSet(message)
     if len(unknown):
         number = next(iter(unknown)).field_number
         raise InvalidError(path or message.DESCRIPTOR.name, f"unknown field number {number}")
+    if message.DESCRIPTOR.full_name == "google.protobuf.Timestamp":
+        try:
+            message.ToJsonString()
+        except ValueError as error:
+            raise InvalidError(path, str(error)) from None
+        return
     for descriptor, value in message.ListFields():
         if descriptor.message_type is None:
             continue
@@ -266,12 +274,12 @@ def check_no_unknown_fields(message: Message, path: str = "") -> None:
         if descriptor.message_type.GetOptions().map_entry:
             if descriptor.message_type.fields_by_name["value"].message_type is not None:
                 for key, item in value.items():
-                    check_no_unknown_fields(item, f"{field}.{key}")
+                    check_wire_values(item, f"{field}.{key}")
         elif descriptor.is_repeated:
             for index, item in enumerate(value):
-                check_no_unknown_fields(item, f"{field}[{index}]")
+                check_wire_values(item, f"{field}[{index}]")
         else:
-            check_no_unknown_fields(value, field)
+            check_wire_values(value, field)
 
 
 def validate_metadata(kind: kinds.Kind, obj: Message) -> None:

@@ -20,7 +20,7 @@ class AsyncClient:
         if token is not None:
             self.settings.client.token = token
         self.endpoint = endpoint or base.resolve_endpoint(self.settings)
-        self._channel = grpc.aio.insecure_channel(self.endpoint, options=base.channel_options(self.settings))
+        self._channel = base.open_channel(grpc.aio, self.endpoint, self.settings)
         self._stub = api_pb2_grpc.ObjectServiceStub(self._channel)
         self._metadata = base.metadata(self.settings)
 
@@ -164,6 +164,10 @@ class AsyncClient:
             raise from_rpc_error(error) from None
         finally:
             call.cancel()
+
+    async def can_i(self, verb: str, kind: str, namespace: Optional[str] = None, name: str = "") -> base.CanIResult:
+        """See Client.can_i."""
+        return base.can_i_result(await self._call("CanI", base.can_i_request(verb, kind, namespace, name)))
 
     async def exec(self, replica: str, command: Sequence[str], namespace: Optional[str] = None) -> base.ExecResult:
         """Run `command` beside a running replica; see Client.exec."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from google.protobuf.message import Message
@@ -47,6 +49,15 @@ class LogChunk:
 
 
 @dataclasses.dataclass
+class CanIResult:
+    allowed: bool
+    filtered: bool       # allowed, but List/Watch return only part of the objects
+    reason: str          # why not
+    identity: str        # who the server took the caller for
+    auth_enabled: bool   # False: the server lets everyone do everything
+
+
+@dataclasses.dataclass
 class ExecResult:
     exit_code: int
     output: bytes  # stdout and stderr together
@@ -66,6 +77,30 @@ def resolve_endpoint(settings: config.Settings) -> str:
 def channel_options(settings: config.Settings) -> List[Tuple[str, int]]:
     size = settings.api.max_message_bytes
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+def channel_credentials(settings: config.Settings):
+    """TLS credentials when client.ca_file is set (with client.cert_file/key_file for mutual
+    TLS); None: a plaintext channel."""
+    import grpc
+
+    client = settings.client
+    if not client.ca_file:
+        return None
+
+    def read(path: str) -> Optional[bytes]:
+        return pathlib.Path(os.path.expanduser(path)).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(client.ca_file), private_key=read(client.key_file),
+                                        certificate_chain=read(client.cert_file))
+
+
+def open_channel(channels, endpoint: str, settings: config.Settings):
+    """A channel to the API server; `channels` is the grpc or the grpc.aio module."""
+    credentials = channel_credentials(settings)
+    if credentials is None:
+        return channels.insecure_channel(endpoint, options=channel_options(settings))
+    return channels.secure_channel(endpoint, credentials, options=channel_options(settings))
 
 
 def metadata(settings: config.Settings) -> Tuple[Tuple[str, str], ...]:
@@ -139,6 +174,15 @@ def logs_request(job: str, namespace: Optional[str], replica: str, follow: bool)
 def exec_request(replica: str, command: Sequence[str], namespace: Optional[str]) -> api_pb2.ExecRequest:
     return api_pb2.ExecRequest(namespace=namespace or kinds.DEFAULT_NAMESPACE, replica=replica,
                                command=list(command))
+
+
+def can_i_request(verb: str, kind: str, namespace: Optional[str], name: str) -> api_pb2.CanIRequest:
+    return api_pb2.CanIRequest(verb=verb, kind=kind, namespace=namespace or "", name=name)
+
+
+def can_i_result(response: api_pb2.CanIResponse) -> CanIResult:
+    return CanIResult(response.allowed, response.filtered, response.reason, response.identity,
+                      response.auth_enabled)
 
 
 def exec_timeout(settings: config.Settings) -> float:

@@ -20,7 +20,7 @@ class Client:
         if token is not None:
             self.settings.client.token = token
         self.endpoint = endpoint or base.resolve_endpoint(self.settings)
-        self._channel = grpc.insecure_channel(self.endpoint, options=base.channel_options(self.settings))
+        self._channel = base.open_channel(grpc, self.endpoint, self.settings)
         self._stub = api_pb2_grpc.ObjectServiceStub(self._channel)
         self._metadata = base.metadata(self.settings)
 
@@ -162,6 +162,10 @@ class Client:
             raise from_rpc_error(error) from None
         finally:
             call.cancel()
+
+    def can_i(self, verb: str, kind: str, namespace: Optional[str] = None, name: str = "") -> base.CanIResult:
+        """May this client's identity do `verb` on `kind` (in `namespace`, to `name`)?"""
+        return base.can_i_result(self._call("CanI", base.can_i_request(verb, kind, namespace, name)))
 
     def exec(self, replica: str, command: Sequence[str], namespace: Optional[str] = None) -> base.ExecResult:
         """Run `command` (argv) beside a running replica, where its cluster's driver can. Never

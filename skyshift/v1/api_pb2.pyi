@@ -195,3 +195,29 @@ class ExecResponse(_message.Message):
     exit_code: int
     output: bytes
     def __init__(self, exit_code: _Optional[int] = ..., output: _Optional[bytes] = ...) -> None: ...
+
+class CanIRequest(_message.Message):
+    __slots__ = ("verb", "kind", "namespace", "name")
+    VERB_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    verb: str
+    kind: str
+    namespace: str
+    name: str
+    def __init__(self, verb: _Optional[str] = ..., kind: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CanIResponse(_message.Message):
+    __slots__ = ("allowed", "filtered", "reason", "identity", "auth_enabled")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    FILTERED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    filtered: bool
+    reason: str
+    identity: str
+    auth_enabled: bool
+    def __init__(self, allowed: _Optional[bool] = ..., filtered: _Optional[bool] = ..., reason: _Optional[str] = ..., identity: _Optional[str] = ..., auth_enabled: _Optional[bool] = ...) -> None: ...

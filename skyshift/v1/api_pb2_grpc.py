@@ -95,6 +95,11 @@ class ObjectServiceStub:
                 request_serializer=skyshift_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
                 response_deserializer=skyshift_dot_v1_dot_api__pb2.ExecResponse.FromString,
                 _registered_method=True)
+        self.CanI = channel.unary_unary(
+                '/skyshift.v1.ObjectService/CanI',
+                request_serializer=skyshift_dot_v1_dot_api__pb2.CanIRequest.SerializeToString,
+                response_deserializer=skyshift_dot_v1_dot_api__pb2.CanIResponse.FromString,
+                _registered_method=True)
 
 
 class ObjectServiceServicer:
@@ -187,6 +192,13 @@ class ObjectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CanI(self, request, context):
+        """May the caller perform `verb` on `kind`? (skyctl auth can-i)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ObjectServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +261,11 @@ def add_ObjectServiceServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=skyshift_dot_v1_dot_api__pb2.ExecRequest.FromString,
                     response_serializer=skyshift_dot_v1_dot_api__pb2.ExecResponse.SerializeToString,
+            ),
+            'CanI': grpc.unary_unary_rpc_method_handler(
+                    servicer.CanI,
+                    request_deserializer=skyshift_dot_v1_dot_api__pb2.CanIRequest.FromString,
+                    response_serializer=skyshift_dot_v1_dot_api__pb2.CanIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +592,33 @@ class ObjectService:
             '/skyshift.v1.ObjectService/Exec',
             skyshift_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
             skyshift_dot_v1_dot_api__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CanI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/skyshift.v1.ObjectService/CanI',
+            skyshift_dot_v1_dot_api__pb2.CanIRequest.SerializeToString,
+            skyshift_dot_v1_dot_api__pb2.CanIResponse.FromString,
             options,
             channel_credentials,
             insecure,
