@@ -9,11 +9,10 @@ import grpc
 from skyshift.api import kinds
 from skyshift.api.errors import InvalidError, PreconditionError, UnavailableError, from_rpc_error
 from skyshift.v1 import api_pb2, api_pb2_grpc, objects_pb2 as pb
+from skyshift.api.wellknown import JOB_LABEL
 
 from api_server.registry import Registry
 
-#: Label the job controller puts on every Replica of a Job.
-JOB_LABEL = "skyshift.dev/job"
 
 
 class AgentRelay:

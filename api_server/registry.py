@@ -14,6 +14,7 @@ import structlog
 from google.protobuf.message import Message
 
 from skyshift.api import conditions, kinds, validation
+from skyshift.api.wellknown import NAMESPACE_FINALIZER
 from skyshift.api.errors import (AlreadyExistsError, ConflictError, GoneError, InvalidError, LimitError,
                                  NotFoundError, PreconditionError, SkyShiftError)
 from skyshift.api.selectors import FieldSelector, LabelSelector
@@ -27,9 +28,6 @@ log = structlog.get_logger(__name__)
 
 #: Namespaces the server creates on start.
 BUILTIN_NAMESPACES = (kinds.DEFAULT_NAMESPACE, "skyshift-system")
-#: Every Namespace carries it: the namespace controller deletes what the namespace holds, then
-#: removes it, and only then does the Namespace go (DESIGN.md §2).
-NAMESPACE_FINALIZER = "skyshift.dev/namespace"
 #: Initial status phase of new objects, per kind.
 INITIAL_PHASE = {"Namespace": "ACTIVE", "Cluster": "INIT", "Job": "PENDING", "Replica": "PENDING", "Link": "INIT"}
 

@@ -38,13 +38,13 @@ from skyshift.client import AsyncClient
 from skyshift.drivers import get_driver
 from skyshift.runtime import Controller, EventRecorder, InformerFactory, clone, key_of
 from skyshift.api.conditions import FALSE, UNKNOWN, get_condition, now, set_condition
+from skyshift.api.wellknown import SKYLET_FINALIZER
 from skyshift.v1 import objects_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
 FINALIZER = "skyshift.dev/cluster"
 #: The finalizer skylets put on the replicas they run (skylet/agent.py).
-SKYLET_FINALIZER = "skyshift.dev/skylet"
 LOCAL_CLUSTER = "local"
 READY_CONDITION = "Ready"
 SKYLET_CONDITION = "SkyletRunning"

@@ -38,11 +38,11 @@ from skyshift.runtime import Controller, EventRecorder, InformerFactory, clone
 from skyshift.api.conditions import FALSE, TRUE, now, set_condition
 from skyshift.runtime.indexes import REPLICAS_BY_CLUSTER, REPLICAS_BY_JOB, replica_cluster, replica_job
 from skyshift.v1 import objects_pb2 as pb
+from skyshift.api.wellknown import JOB_LABEL
 
 log = structlog.get_logger(__name__)
 
 FINALIZER = "skyshift.dev/replicas"
-JOB_LABEL = "skyshift.dev/job"
 #: Which replacement of its rank a Replica is (absent: the first).
 ATTEMPT_ANNOTATION = "skyshift.dev/attempt"
 #: On a Replica that restarted an exited one: the Job's restart count it brought about. Kept on

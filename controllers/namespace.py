@@ -13,11 +13,12 @@ import structlog
 
 from skyshift.api import kinds
 from skyshift.api.errors import ConflictError, NotFoundError
+from skyshift.api.wellknown import NAMESPACE_FINALIZER
 from skyshift.runtime import Controller, clone
 
 log = structlog.get_logger(__name__)
 
-FINALIZER = "skyshift.dev/namespace"
+FINALIZER = NAMESPACE_FINALIZER
 
 
 class NamespaceController(Controller):

@@ -11,11 +11,11 @@ from google.protobuf.message import Message
 
 from skyshift.api import kinds
 from skyshift.api.errors import InvalidError, NotFoundError
+from skyshift.api.wellknown import JOB_LABEL
 
 from skyctl import printers
 
 #: Label the job controller puts on every Replica of a Job.
-JOB_LABEL = "skyshift.dev/job"
 
 SectionFetcher = Callable[[object, Message, float], printers.Section]   # (client, object, now)
 

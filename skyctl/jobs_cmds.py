@@ -15,13 +15,13 @@ import itertools
 import queue
 import sys
 import threading
-import time
 from typing import Dict, Iterable, List, Optional
 
 import click
 
+from skyshift.api.wellknown import JOB_LABEL
+
 #: Label the job controller puts on every Replica of a Job.
-JOB_LABEL = "skyshift.dev/job"
 #: Replica phases in which a replica has (had) processes, so it has output.
 STARTED_PHASES = ("RUNNING", "SUCCEEDED", "FAILED", "UNKNOWN")
 FINISHED_JOB_PHASES = ("COMPLETED", "FAILED")

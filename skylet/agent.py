@@ -37,13 +37,14 @@ from skyshift.drivers import get_driver
 from skyshift.drivers.base import Driver, ReplicaState, subtract_usage
 from skyshift.runtime import Controller, InformerFactory, clone, key_of
 from skyshift.api.conditions import FALSE, TRUE, now, set_condition
+from skyshift.api.wellknown import SKYLET_FINALIZER
 from skyshift.v1 import objects_pb2 as pb
 
 from skylet import gateway_hook, service
 
 log = structlog.get_logger(__name__)
 
-REPLICA_FINALIZER = "skyshift.dev/skylet"
+REPLICA_FINALIZER = SKYLET_FINALIZER
 READY_CONDITION = "Ready"
 #: Replica phases nobody changes any more (EVICTED is written by the cluster controller).
 TERMINAL_PHASES = frozenset({"SUCCEEDED", "FAILED", "EVICTED"})
