@@ -24,6 +24,7 @@ setup(
         "structlog>=24.1",
         "click>=8.1",
         "PyYAML>=6.0",
+        "cryptography>=41",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-asyncio>=0.23", "hypothesis>=6.100", "import-linter>=2.0", "pytest-timeout>=2.3"],

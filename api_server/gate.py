@@ -209,12 +209,12 @@ class Gate:
 
     def _audit_outcome(self, call: Call, context_, response=None, error: Optional[BaseException] = None) -> None:
         """A write that ran (successfully or not), or a request the servicer refused."""
-        code = context_.code()
-        if error is None and (code is None or code.name == "OK"):
+        if error is None:  # the servicer answers every failure with an abort (an exception)
             if call.method in WRITE_METHODS:
                 results = response.results if call.method in ("BatchCreate", "BatchUpdate") else None
                 self._audit(call, "OK", results=results)
             return
+        code = context_.code()
         if code is not None:
             code_name = code.name
         else:
@@ -297,6 +297,8 @@ class Gate:
         call = Call("CanI")
         try:
             identity = await self.authenticator.authenticate(context_.invocation_metadata())
+            if not hasattr(request, "DESCRIPTOR"):
+                raise request.error  # undecodable (servicer.MalformedRequest)
             verb = request.verb.lower()
             if verb not in rbac.VERBS:
                 raise InvalidError("verb", f"unknown verb {request.verb!r} (one of: {', '.join(rbac.VERBS)})")

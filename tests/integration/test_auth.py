@@ -141,3 +141,21 @@ def test_without_auth_everything_is_open(client):
     assert answer.allowed and not answer.auth_enabled
     with Client(endpoint=client.endpoint, settings=client.settings, token="") as anonymous:
         assert anonymous.get("namespaces", "default").metadata.name == "default"
+
+
+def test_undecodable_requests_are_refused_for_strangers_and_invalid_for_users(server):
+    import grpc
+
+    def call(method: str, metadata):
+        with grpc.insecure_channel(server.endpoint) as channel:
+            try:
+                channel.unary_unary(f"/skyshift.v1.ObjectService/{method}")(b"\xff\xff\xff", metadata=metadata,
+                                                                             timeout=10)
+            except grpc.RpcError as error:
+                return error.code()
+        return grpc.StatusCode.OK
+
+    admin = (("authorization", f"Bearer {admin_token(server)}"),)
+    for method in ("Create", "Get", "CanI"):
+        assert call(method, ()) == grpc.StatusCode.UNAUTHENTICATED
+        assert call(method, admin) == grpc.StatusCode.INVALID_ARGUMENT
