@@ -3,18 +3,21 @@ the same server reached directly, in the same run.
 
     python -m bench.bench_gateway [--duration 5] [--connections 32] [--bulk-mib 512] [--repeat 3] [--mesh]
 
-Processes (each its own interpreter, all on loopback): a backend (an asyncio HTTP/1.1 server
-answering "ok" to every request, and a bulk port that sends the number of bytes asked for), a
-gateway (skyshift.gateway.Gateway serving one Service port whose only endpoint is the backend)
-and the load generator: `wrk` when installed, else a Python asyncio client (bounded by time).
+Processes (each its own interpreter, all on loopback): a backend with three servers (a bare
+asyncio protocol answering "ok" to every HTTP request, the fastest Python answers, so the
+gateway's own cost shows; an aiohttp application doing the same, a typical Python web service;
+and a bulk port that sends the number of bytes asked for), a gateway
+(skyshift.gateway.Gateway, one Service port per server, whose only endpoint is that server) and
+the load generator: `wrk` when installed, else a Python asyncio client (bounded by time).
 With --mesh, a second gateway process sits between them: the first forwards over the mesh
 (HMAC handshake per connection), as for an endpoint on a linked cluster.
 
-Rows, each a median over --repeat runs, with the direct figure as the baseline:
+Rows, each a median over --repeat runs, with the direct figure as the baseline, for each of
+the two HTTP servers:
 * requests/s and p99 latency with keep-alive connections (the gateway only copies bytes);
 * requests/s and p99 latency with a new connection per request (the gateway also accepts,
   chooses a backend and connects, per request);
-* MB/s of one large transfer.
+and MB/s of one large transfer. The gateway's CPU time per request is in the notes.
 Target: the gateway's request rates at least 0.5x the direct ones.
 """
 from __future__ import annotations
@@ -265,7 +268,7 @@ async def run(args: argparse.Namespace) -> List[common.Result]:
                         result = await measure(args, processes.through[server], close)
                     runs.setdefault(f"gateway-{mode}", []).append(result)
                     gateway_cpu.setdefault(mode, []).append(
-                        meter.used["gateway"] * 1e6 / (result[0] * args.duration))
+                        meter.used["gateway"] * 1e6 / max(1.0, result[0] * args.duration))
             size = args.bulk_mib * 1024 * 1024
             runs.setdefault("direct-bulk", []).append((bulk(processes.direct["bulk"], size), 0.0))
             runs.setdefault("gateway-bulk", []).append((bulk(processes.through["bulk"], size), 0.0))
@@ -312,6 +315,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backends", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--route", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role:
+        from skyshift import logging as skyshift_logging
+
+        skyshift_logging.configure("warning")  # stdout carries the ports to the parent
     if args.role == "backend":
         asyncio.run(run_backend())
         return 0

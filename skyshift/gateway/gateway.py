@@ -20,9 +20,9 @@ import structlog
 
 from skyshift import config
 from skyshift.gateway.balancer import Backend, Balancer, EndpointProber, HealthChecker
-from skyshift.gateway.mesh import CONNECT, PROBE, MeshServer, Sessions, open_tunnel
+from skyshift.gateway.mesh import CONNECT, PROBE, MeshServer, open_tunnel
 from skyshift.gateway.plan import BIND_FAILED, PORT_IN_USE, Address, BackendSpec, GatewayPlan, Problem
-from skyshift.gateway.proxy import Listener, Streams
+from skyshift.gateway.proxy import Listener, Sessions, Streams
 
 log = structlog.get_logger(__name__)
 
@@ -98,7 +98,7 @@ class Gateway:
                 listener.balancer = balancer
                 continue
             listener = Listener(listen[0], listen[1], balancer, self._dial, self.settings.connect_attempts,
-                                self.settings.buffer_size, self.settings.idle_timeout)
+                                self.settings.buffer_size, self.settings.idle_timeout, self.sessions)
             try:
                 await listener.start()
             except OSError as error:
@@ -137,10 +137,8 @@ class Gateway:
         if backend.route is None:
             async with asyncio.timeout(timeout):
                 return await asyncio.open_connection(backend.address, backend.port, limit=self.settings.buffer_size)
-        streams = await open_tunnel(backend.route, CONNECT, backend.address, backend.port, timeout=timeout,
-                                    buffer_size=self.settings.buffer_size)
-        self.sessions.add_current(backend.route.link)
-        return streams
+        return await open_tunnel(backend.route, CONNECT, backend.address, backend.port, timeout=timeout,
+                                 buffer_size=self.settings.buffer_size)
 
     async def _probe(self, backend: Backend) -> None:
         if backend.route is None:

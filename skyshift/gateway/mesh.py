@@ -30,12 +30,12 @@ import dataclasses
 import hashlib
 import hmac
 import secrets
-from typing import Awaitable, Callable, Dict, Optional, Set, Tuple
+from typing import Awaitable, Callable, Optional, Tuple
 
 import structlog
 
 from skyshift.gateway.addresses import split_host_port
-from skyshift.gateway.proxy import Streams, splice
+from skyshift.gateway.proxy import Sessions, Streams, splice
 
 log = structlog.get_logger(__name__)
 
@@ -124,28 +124,6 @@ async def ping(route: Route, timeout: float) -> None:
     writer.close()
 
 
-class Sessions:
-    """The tasks forwarding connections over each Link, so that removing a Link ends them."""
-
-    def __init__(self) -> None:
-        self._tasks: Dict[str, Set[asyncio.Task]] = {}
-
-    def add_current(self, link: str) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            return
-        tasks = self._tasks.setdefault(link, set())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    def count(self, link: str) -> int:
-        return len(self._tasks.get(link, ()))
-
-    def close(self, link: str) -> None:
-        for task in self._tasks.pop(link, set()):
-            task.cancel()
-
-
 class _Refused(Exception):
     pass
 
@@ -223,6 +201,10 @@ class MeshServer:
             writer.write(f"ERR {refusal}\n".encode())
         except (MeshError, OSError, asyncio.TimeoutError) as error:
             log.debug("mesh_handshake_failed", peer=str(peer), error=str(error) or type(error).__name__)
+        except asyncio.CancelledError:
+            # The gateway is stopping (see proxy.Listener._serve: end quietly).
+            writer.transport.abort()
+            return
         writer.close()
 
     async def _connect(self, link: str, address: str, port: int, client: Streams) -> None:
@@ -232,5 +214,4 @@ class MeshServer:
         except (OSError, asyncio.TimeoutError) as error:
             raise _Refused(f"cannot connect to {address}:{port}: {error or type(error).__name__}") from None
         client[1].write(b"OK\n")
-        self.sessions.add_current(link)
-        await splice(client, upstream, self.buffer_size, self.idle_timeout)
+        await splice(client, upstream, self.buffer_size, self.idle_timeout, self.sessions, link)

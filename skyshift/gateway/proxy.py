@@ -1,8 +1,8 @@
 """TCP forwarding with asyncio streams: a Service port's listener, and the byte copying both it
 and the mesh use.
 
-Data is copied in chunks of `buffer_size` bytes (`read(buffer_size)`, `write`, `drain`), never
-inspected, so Python touches each chunk once. End of stream is forwarded as a half-close
+Data is copied in chunks of up to `buffer_size` bytes (`read(buffer_size)`, `write`, `drain`):
+no per-byte work, one await per chunk and direction. End of stream is forwarded as a half-close
 (`write_eof`), so protocols that shut down one direction first (HTTP/1.0 clients, `nc -N`...)
 work; the connection closes once both directions have ended, or after `idle_timeout` seconds
 without data in either direction, or at once when either side resets.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Awaitable, Callable, Optional, Set, Tuple
+from typing import Awaitable, Callable, Dict, Optional, Set, Tuple
 
 import structlog
 
@@ -22,6 +22,26 @@ log = structlog.get_logger(__name__)
 Streams = Tuple[asyncio.StreamReader, asyncio.StreamWriter]
 #: Opens a connection to a backend (directly, or through a remote gateway).
 Dialer = Callable[[Backend], Awaitable[Streams]]
+
+
+class Sessions:
+    """Forwarded connections by the Link they use, so that removing a Link ends them."""
+
+    def __init__(self) -> None:
+        self._aborts: Dict[str, Set[Callable[[], None]]] = {}
+
+    def add(self, link: str, abort: Callable[[], None]) -> None:
+        self._aborts.setdefault(link, set()).add(abort)
+
+    def discard(self, link: str, abort: Callable[[], None]) -> None:
+        self._aborts.get(link, set()).discard(abort)
+
+    def count(self, link: str) -> int:
+        return len(self._aborts.get(link, ()))
+
+    def close(self, link: str) -> None:
+        for abort in self._aborts.pop(link, set()):
+            abort()
 
 
 class _Activity:
@@ -59,13 +79,15 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buff
             writer.write_eof()
 
 
-async def splice(a: Streams, b: Streams, buffer_size: int, idle_timeout: float) -> None:
+async def splice(a: Streams, b: Streams, buffer_size: int, idle_timeout: float, sessions: Optional[Sessions] = None,
+                 link: str = "") -> None:
     """Copy a -> b and b -> a until both directions ended (each end of stream is passed on as
-    a half-close), either side reset, or nothing moved for `idle_timeout` seconds; closes both.
+    a half-close), either side reset, nothing moved for `idle_timeout` seconds, or `link` was
+    closed in `sessions`; closes both.
 
-    One direction runs in the calling task, the other in one more task. A reset or the idle
-    timer aborts both transports, which ends both copies through their reads (no task is
-    cancelled, so a cancellation from outside stays distinguishable)."""
+    One direction runs in the calling task, the other in one more task. A reset, the idle timer
+    or the link's end aborts both transports, which ends both copies through their reads: no
+    task is cancelled."""
     loop = asyncio.get_running_loop()
 
     def abort() -> None:
@@ -79,6 +101,8 @@ async def splice(a: Streams, b: Streams, buffer_size: int, idle_timeout: float) 
     activity = _Activity(loop, idle_timeout, abort)
     backward = loop.create_task(_copy(b[0], a[1], buffer_size, activity))
     backward.add_done_callback(backward_done)
+    if sessions is not None:
+        sessions.add(link, abort)
     try:
         try:
             await _copy(a[0], b[1], buffer_size, activity)
@@ -87,6 +111,8 @@ async def splice(a: Streams, b: Streams, buffer_size: int, idle_timeout: float) 
         with contextlib.suppress(OSError):
             await backward
     finally:
+        if sessions is not None:
+            sessions.discard(link, abort)
         activity.cancel()
         backward.cancel()
         a[1].close()
@@ -104,7 +130,7 @@ async def connect_upstream(balancer: Balancer, dial: Dialer, attempts: int) -> O
         tried.add(backend)
         try:
             return backend, await dial(backend)
-        except (OSError, asyncio.TimeoutError, EOFError) as error:
+        except (OSError, asyncio.TimeoutError, EOFError, ValueError) as error:  # ValueError: a bad address
             backend.connect_failed(str(error) or type(error).__name__)
     return None
 
@@ -114,7 +140,7 @@ class Listener:
     backend the current `balancer` chooses (replaceable while the listener runs)."""
 
     def __init__(self, address: str, port: int, balancer: Balancer, dial: Dialer, attempts: int,
-                 buffer_size: int, idle_timeout: float):
+                 buffer_size: int, idle_timeout: float, sessions: Optional[Sessions] = None):
         self.address = address
         self.port = port
         self.balancer = balancer
@@ -122,6 +148,7 @@ class Listener:
         self.attempts = attempts
         self.buffer_size = buffer_size
         self.idle_timeout = idle_timeout
+        self.sessions = sessions
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self) -> None:
@@ -137,19 +164,21 @@ class Listener:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        balancer = self.balancer
         try:
-            connected = await connect_upstream(balancer, self.dial, self.attempts)
-        except BaseException:
-            writer.close()
-            raise
-        if connected is None:
-            log.debug("gateway_no_backend", address=self.address, port=self.port)
-            writer.close()
-            return
-        backend, upstream = connected
-        backend.active += 1
-        try:
-            await splice((reader, writer), upstream, self.buffer_size, self.idle_timeout)
-        finally:
-            backend.active -= 1
+            connected = await connect_upstream(self.balancer, self.dial, self.attempts)
+            if connected is None:
+                log.debug("gateway_no_backend", address=self.address, port=self.port)
+                writer.close()
+                return
+            backend, upstream = connected
+            link = backend.route.link if backend.route is not None else ""
+            backend.active += 1
+            try:
+                await splice((reader, writer), upstream, self.buffer_size, self.idle_timeout,
+                             self.sessions if link else None, link)
+            finally:
+                backend.active -= 1
+        except asyncio.CancelledError:
+            # The gateway is stopping. Python 3.11's stream server logs a cancelled handler as an
+            # error, so the handler ends quietly instead.
+            writer.transport.abort()

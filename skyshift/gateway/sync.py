@@ -21,18 +21,20 @@ from typing import Callable, Dict, List, Optional
 import structlog
 
 from skyshift import config
+from skyshift.api.conditions import FALSE, TRUE, remove_condition, set_condition
 from skyshift.api.errors import NotFoundError, SkyShiftError
 from skyshift.client import AsyncClient
 from skyshift.gateway import plan as planning
 from skyshift.gateway.addresses import MESH_ANNOTATION, gateway_address, mesh_address
 from skyshift.gateway.gateway import Gateway
 from skyshift.runtime import Controller, InformerFactory, clone, object_key
-from skyshift.api.conditions import FALSE, TRUE, remove_condition, set_condition
 from skyshift.v1 import objects_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
 LISTENING = "Listening"
+#: Problems that may go away by themselves (another process frees the port): retried.
+RETRIED = frozenset({planning.PORT_IN_USE, planning.BIND_FAILED})
 #: Clusters of these managers run nothing, so they get no gateway.
 NO_GATEWAY_MANAGERS = frozenset({"sim"})
 
@@ -107,7 +109,7 @@ class GatewaySync(Controller):
         plan = planning.build_plan(name, address, self.services.list(), endpoints, self.links.list(), clusters)
         problems = await gateway.apply(plan)
         await self._report(name, plan, problems)
-        if any(problems.values()):
+        if any(problem.reason in RETRIED for found in problems.values() for problem in found):
             return self.settings.gateway.bind_retry_interval
         return None
 

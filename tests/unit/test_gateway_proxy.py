@@ -124,3 +124,11 @@ async def test_a_port_in_use_cannot_be_listened_on(servers, gateway):
     server = await servers("a")
     with pytest.raises(OSError):
         await Listener(ADDRESS, server.port, Balancer(), dial, 1, 65536, 60.0).start()
+
+
+async def test_an_endpoint_with_an_unusable_address_is_taken_out(servers, gateway):
+    server = await servers("a")
+    broken = Backend("not an address", 80, cluster="b")
+    listener = await gateway([broken, backend_of(server)])
+    assert [await ask_name(ADDRESS, listener.port) for _ in range(3)] == ["a"] * 3
+    assert not broken.healthy
