@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import time
 from typing import AsyncIterator, Deque, Dict, List, Optional, Set
 
 import structlog
@@ -97,6 +95,8 @@ class Watcher:
         self.allow_bookmarks = request.allow_bookmarks
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=settings.client_queue_events)
         self.bookmark_interval = settings.bookmark_interval
+        #: Replayed history, sent before anything from `queue`.
+        self.backlog: Deque[bytes] = collections.deque()
         #: Events at or before this revision are already known to the client.
         self.revision = 0
         self.error: Optional[Exception] = None
@@ -122,6 +122,15 @@ class Watcher:
             return MODIFIED if before else ADDED
         return DELETED if before else None
 
+    def replay(self, events: List[CachedEvent]) -> None:
+        """Queue the cached history a stream starts with. It is not bounded by the live queue:
+        a client resuming far behind must be able to catch up, or it would be cut off at once,
+        resume from the same revision, and never make progress."""
+        for event in events:
+            event_type = self.event_type(event) if event.revision > self.revision else None
+            if event_type is not None:
+                self.backlog.append(event.encoded(event_type))
+
     def offer(self, event: CachedEvent) -> None:
         if event.revision <= self.revision:
             return
@@ -144,6 +153,8 @@ class Watcher:
             self.queue.put_nowait(None)  # wake the stream; a full queue wakes it anyway
 
     async def stream(self) -> AsyncIterator[bytes]:
+        while self.backlog:
+            yield self.backlog.popleft()
         last_bookmark = self.revision
         while True:
             if self.error is not None and self.queue.empty():
@@ -286,10 +297,7 @@ class KindCache:
             raise GoneError(f"resource_version {from_revision} is too old (the oldest available is {self.oldest}): "
                             "re-list and watch from the list's resource_version")
         # No await between replay and registration: no event can slip between them.
-        for event in self._events_after(from_revision):
-            watcher.offer(event)
-        if watcher.error is not None:
-            raise watcher.error
+        watcher.replay(self._events_after(from_revision))
         (self.by_namespace[watcher.namespace] if watcher.namespace else self.all_namespaces).add(watcher)
         return watcher
 

@@ -324,3 +324,17 @@ def test_sdk_watch_resumes_after_being_cut_off_without_gaps_or_repeats(server_fa
         assert resumed is not cut_off  # the SDK opened a new stream
         events.close()
     wait_for(lambda: watcher_count(server) == 0, message="the resumed stream to go away")
+
+
+def test_watch_resuming_further_behind_than_its_queue_catches_up(server_factory, client, namespace):
+    """A stream that starts from history longer than the live queue must still deliver all of
+    it: being cut off before it starts would make the SDK resume from the same revision forever."""
+    server = server_factory("catch-up", watch={"client_queue_events": 8})
+    start = client.create(big_job("history", namespace)).metadata.resource_version
+    written = [job.metadata.resource_version for job in
+               (client.create(new_job(f"h-{index}", namespace)) for index in range(100))]
+    with client_for(server) as sdk:
+        events = sdk.watch("jobs", namespace, resource_version=start)
+        received = [next(events).resource_version for _ in written]
+        events.close()
+    assert received == written
