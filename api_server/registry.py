@@ -28,6 +28,8 @@ log = structlog.get_logger(__name__)
 
 #: Namespaces the server creates on start.
 BUILTIN_NAMESPACES = (kinds.DEFAULT_NAMESPACE, "skyshift-system")
+#: Reads and conditional writes a Delete without preconditions tries while the object keeps changing.
+_DELETE_ATTEMPTS = 5
 #: Initial status phase of new objects, per kind.
 INITIAL_PHASE = {"Namespace": "ACTIVE", "Cluster": "INIT", "Job": "PENDING", "Replica": "PENDING", "Link": "INIT"}
 
@@ -372,25 +374,32 @@ class Registry:
         if kind.namespaced and not namespace:
             namespace = kinds.DEFAULT_NAMESPACE
         self._validate_address(kind, namespace, name)
-        entry, current = await self._read(kind, namespace, name)
-        request_context.check_stored(kind, current)  # may the caller change it as stored?
-        if resource_version and resource_version != entry.mod_revision:
-            raise ConflictError(f"{describe(kind, namespace, name)} was modified (resource_version "
-                                f"{entry.mod_revision}, precondition {resource_version})")
-        if uid and uid != current.metadata.uid:
-            raise ConflictError(f"{describe(kind, namespace, name)} has uid {current.metadata.uid}, "
-                                f"precondition {uid}")
         if kind.name == "Namespace":
             self._check_namespace_deletable(name)
         key = self.key(kind, namespace, name)
-        if current.metadata.finalizers:
-            if current.metadata.HasField("deletion_timestamp"):
-                return current  # already being deleted
-            _now(current.metadata.deletion_timestamp)
-            current.metadata.resource_version = await self.store.update(key, encode(current), entry.mod_revision)
-            return current
-        await self.store.delete(key, entry.mod_revision)
-        return current
+        for _ in range(_DELETE_ATTEMPTS):
+            entry, current = await self._read(kind, namespace, name)
+            request_context.check_stored(kind, current)  # may the caller change it as stored?
+            if resource_version and resource_version != entry.mod_revision:
+                raise ConflictError(f"{describe(kind, namespace, name)} was modified (resource_version "
+                                    f"{entry.mod_revision}, precondition {resource_version})")
+            if uid and uid != current.metadata.uid:
+                raise ConflictError(f"{describe(kind, namespace, name)} has uid {current.metadata.uid}, "
+                                    f"precondition {uid}")
+            try:
+                if not current.metadata.finalizers:
+                    await self.store.delete(key, entry.mod_revision)
+                elif not current.metadata.HasField("deletion_timestamp"):
+                    _now(current.metadata.deletion_timestamp)
+                    current.metadata.resource_version = await self.store.update(key, encode(current),
+                                                                                entry.mod_revision)
+                return current  # deleted, marked for deletion, or already marked
+            except ConflictError:
+                if resource_version:
+                    raise
+                # No precondition of the caller's: the object merely changed between our read
+                # and our conditional write (e.g. a controller wrote its status). Read it again.
+        raise ConflictError(f"{describe(kind, namespace, name)} keeps changing; retry the delete")
 
     async def _keep_namespace_finalizer(self, current: Message, updated: Message) -> None:
         """A Namespace keeps its finalizer until it is being deleted and empty (no object can be

@@ -166,3 +166,26 @@ def test_update_status_ignores_spec_and_metadata(client, namespace):
     assert updated.metadata.labels == {"a": "1"} and not updated.metadata.finalizers
     assert updated.metadata.generation == 1
     assert client.get("jobs", "status-only", namespace) == updated
+
+
+async def test_delete_without_preconditions_wins_over_concurrent_status_writes(aclient, namespace):
+    """A plain delete must not fail because a controller keeps writing the object's status."""
+    for attempt in range(10):
+        job = await aclient.create(new_job(f"busy-{attempt}", namespace))
+        stop = asyncio.Event()
+
+        async def write_statuses(current=job):
+            while not stop.is_set():
+                current.status.phase = "RUNNING" if current.status.phase != "RUNNING" else "SCHEDULED"
+                try:
+                    current = await aclient.update_status(current)
+                except ConflictError:
+                    current = await aclient.get("jobs", current.metadata.name, namespace)
+                except Exception:  # deleted under us: done
+                    return
+
+        writer = asyncio.ensure_future(write_statuses())
+        await asyncio.sleep(0)  # let the writer start
+        await aclient.delete("jobs", job.metadata.name, namespace)
+        stop.set()
+        await writer
