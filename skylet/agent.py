@@ -404,13 +404,17 @@ class Heartbeats:
         self._poked.set()
 
     async def run(self) -> None:
+        last_beat = time.monotonic()
         while True:
+            # heartbeat_interval is a period: the time the last beat took to write counts.
+            wait = max(0.0, last_beat + self.settings.heartbeat_interval - time.monotonic())
             try:
-                await asyncio.wait_for(self._poked.wait(), self.settings.heartbeat_interval)
+                await asyncio.wait_for(self._poked.wait(), wait)
                 await asyncio.sleep(self.settings.heartbeat_debounce)  # let a burst of changes settle
             except asyncio.TimeoutError:
                 pass
             self._poked.clear()
+            last_beat = time.monotonic()
             silent = await self.beat_safely()
             if silent > self.settings.api_lost_timeout:
                 raise ApiLostError(f"the API server has not answered for {silent:.0f}s")
