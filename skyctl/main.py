@@ -819,8 +819,20 @@ def api_start(session: Session, etcd: Optional[str], listen: Optional[str]) -> N
 @api.command("stop")
 @pass_session
 def api_stop(session: Session) -> None:
-    """Stop the API server (SIGTERM; SIGKILL if it has not exited after skyctl.server_stop_timeout)."""
-    pid = local_server(session).stop()
+    """Stop the local control plane of $SKYSHIFT_HOME: the controller manager and the skylets it
+    started, then the API server (SIGTERM; SIGKILL after skyctl.server_stop_timeout). Replicas
+    keep running; their skylet re-adopts them on the next start."""
+    from skyshift import localmode, processes
+
+    server = local_server(session)
+    settings = session.settings.skyctl
+    for pid in localmode.recorded_pids(session.settings):
+        if pid == server.pid():
+            continue
+        role = " ".join(processes.command_line(pid)[1:3])  # "-m launch_manager", "-m skylet"
+        if processes.terminate(pid, settings.server_stop_timeout, settings.server_poll_interval):
+            click.echo(f"stopped {role} (pid {pid})")
+    pid = server.stop()
     click.echo(f"API server stopped (pid {pid})" if pid else "API server is not running")
 
 
