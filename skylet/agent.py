@@ -132,36 +132,34 @@ def set_resources(field, resources: Dict[str, Dict[str, float]]) -> None:
         field[node].resources.update(amounts)
 
 
-async def update_status_retrying(client: AsyncClient, obj: Message, mutate: Callable[[Message], bool],
-                                 kind: str) -> Optional[Message]:
-    """Apply `mutate` to a copy of `obj` and write its status; on a conflict re-read the object
-    and apply `mutate` again. Returns the written object, or None when `mutate` found nothing
-    to change. NotFoundError when the object is gone; ConflictError after CONFLICT_ATTEMPTS."""
+async def _write_retrying(client: AsyncClient, obj: Message, mutate: Callable[[Message], bool], kind: str,
+                         status: bool) -> Optional[Message]:
+    """Apply `mutate` to a copy of `obj` and write it (its status when `status`); on a conflict
+    re-read the object and apply `mutate` again. Returns the written object, or None when
+    `mutate` found nothing to change. NotFoundError when the object is gone; ConflictError
+    after CONFLICT_ATTEMPTS."""
+    write = client.update_status if status else client.update
     current = obj
     for _ in range(CONFLICT_ATTEMPTS):
         updated = clone(current)
         if not mutate(updated):
             return None
         try:
-            return await client.update_status(updated)
+            return await write(updated)
         except ConflictError:
             current = await client.get(kind, current.metadata.name, current.metadata.namespace or None)
-    raise ConflictError(f"{kind} {current.metadata.name} kept changing while the skylet wrote its status")
+    raise ConflictError(f"{kind} {current.metadata.name} kept changing while the skylet wrote it")
+
+
+async def update_status_retrying(client: AsyncClient, obj: Message, mutate: Callable[[Message], bool],
+                                 kind: str) -> Optional[Message]:
+    return await _write_retrying(client, obj, mutate, kind, status=True)
 
 
 async def update_retrying(client: AsyncClient, obj: Message, mutate: Callable[[Message], bool],
                           kind: str) -> Optional[Message]:
     """Like update_status_retrying, for metadata (finalizers)."""
-    current = obj
-    for _ in range(CONFLICT_ATTEMPTS):
-        updated = clone(current)
-        if not mutate(updated):
-            return None
-        try:
-            return await client.update(updated)
-        except ConflictError:
-            current = await client.get(kind, current.metadata.name, current.metadata.namespace or None)
-    raise ConflictError(f"{kind} {current.metadata.name} kept changing while the skylet updated it")
+    return await _write_retrying(client, obj, mutate, kind, status=False)
 
 
 # ---------------------------------------------------------------- one cluster

@@ -3,12 +3,14 @@ processes (the manager's cluster controller starts the skylets), skyctl run as a
 and a teardown that stops every process by the pid recorded under $SKYSHIFT_HOME."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import pathlib
 import signal
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import yaml
 
@@ -40,6 +42,19 @@ def environment(home: pathlib.Path) -> Dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("SKYSHIFT_")}
     env["SKYSHIFT_HOME"] = str(home)
     return env
+
+
+@contextlib.contextmanager
+def running_plane(home: pathlib.Path, **options) -> Iterator["ControlPlane"]:
+    """A ControlPlane (see its arguments) with its API server and manager started; everything it
+    started is stopped by PID on exit."""
+    plane = ControlPlane(home, **options)
+    try:
+        plane.start_server()
+        plane.start_manager()
+        yield plane
+    finally:
+        plane.stop()
 
 
 class ControlPlane:

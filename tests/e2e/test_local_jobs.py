@@ -13,20 +13,15 @@ import pytest
 
 from skyshift import processes
 from tests.conftest import wait_for
-from tests.e2e.control_plane import ROOT, ControlPlane, environment, replicas_of
+from tests.e2e.control_plane import ControlPlane, ROOT, environment, replicas_of, running_plane
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def plane(tmp_path):
-    control_plane = ControlPlane(tmp_path / "home")
-    try:
-        control_plane.start_server()
-        control_plane.start_manager()
+    with running_plane(tmp_path / "home") as control_plane:
         yield control_plane
-    finally:
-        control_plane.stop()
 
 
 def test_three_replica_job_runs_to_completion_with_its_logs(plane):

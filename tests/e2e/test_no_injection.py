@@ -9,7 +9,7 @@ import pytest
 from skyshift.api.errors import InvalidError
 from skyshift.v1 import objects_pb2 as pb
 from tests.conftest import wait_for
-from tests.e2e.control_plane import ControlPlane
+from tests.e2e.control_plane import running_plane
 from tests.hostile import payloads
 
 pytestmark = pytest.mark.slow
@@ -17,13 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def plane(tmp_path):
-    control_plane = ControlPlane(tmp_path / "home")
-    try:
-        control_plane.start_server()
-        control_plane.start_manager()
+    with running_plane(tmp_path / "home") as control_plane:
         yield control_plane
-    finally:
-        control_plane.stop()
 
 
 def job(name: str) -> pb.Job:

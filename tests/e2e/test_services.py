@@ -24,7 +24,7 @@ from skyshift.api.errors import ConflictError, NotFoundError
 from skyshift.gateway.addresses import gateway_address
 from skyshift.v1 import objects_pb2 as pb
 from tests.conftest import wait_for
-from tests.e2e.control_plane import ControlPlane, replicas_of
+from tests.e2e.control_plane import replicas_of, running_plane
 from tests.sshd import remove_remote_state, ssh_client_key, ssh_cluster_spec, start_ssh_hosts  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -63,18 +63,13 @@ def fetch_id(port: int, timeout: float = 5.0) -> str:
 @pytest.fixture
 def plane(tmp_path, monkeypatch):
     monkeypatch.delenv("SSH_CONNECTION", raising=False)  # only replicas on the ssh host may see one
-    control_plane = ControlPlane(tmp_path / "home", extra_settings={
+    with running_plane(tmp_path / "home", extra_settings={
         "ssh": {"connect_timeout": 1.0, "command_timeout": 5.0},
         "gateway": {"health_interval": 0.2, "health_timeout": 0.5, "bind_retry_interval": 0.3,
                     "link_retry_interval": 0.3, "link_probe_interval": 2.0},
         # A killed replica is replaced only after the test watched the traffic move away.
-        "controllers": {"job_restart_backoff_initial": 120.0, "job_restart_backoff_max": 120.0}})
-    try:
-        control_plane.start_server()
-        control_plane.start_manager()
+        "controllers": {"job_restart_backoff_initial": 120.0, "job_restart_backoff_max": 120.0}}) as control_plane:
         yield control_plane
-    finally:
-        control_plane.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from skyshift.store.embedded import EmbeddedEtcd
 from tests.conftest import wait_for
-from tests.e2e.control_plane import ControlPlane, replicas_of, started_once
+from tests.e2e.control_plane import ControlPlane, replicas_of, running_plane, started_once
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +30,8 @@ def etcd(tmp_path):
 
 @pytest.fixture
 def plane(tmp_path, etcd):
-    control_plane = ControlPlane(tmp_path / "home", etcd=etcd.endpoint)
-    try:
-        control_plane.start_server()
-        control_plane.start_manager()
+    with running_plane(tmp_path / "home", etcd=etcd.endpoint) as control_plane:
         yield control_plane
-    finally:
-        control_plane.stop()
 
 
 def start_held_job(plane: ControlPlane, tmp_path):

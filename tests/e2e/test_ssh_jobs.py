@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from tests.conftest import wait_for
-from tests.e2e.control_plane import ControlPlane, replicas_of
+from tests.e2e.control_plane import replicas_of, running_plane
 from tests.sshd import remove_remote_state, ssh_client_key, ssh_cluster_spec, start_ssh_hosts  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -18,14 +18,9 @@ LABEL = "kind"
 
 @pytest.fixture
 def plane(tmp_path):
-    control_plane = ControlPlane(tmp_path / "home", extra_settings={"ssh": {
-        "connect_timeout": 1.0, "command_timeout": 2.0, "retry_backoff_initial": 0.2, "retry_backoff_max": 1.0}})
-    try:
-        control_plane.start_server()
-        control_plane.start_manager()
+    with running_plane(tmp_path / "home", extra_settings={"ssh": {
+        "connect_timeout": 1.0, "command_timeout": 2.0, "retry_backoff_initial": 0.2, "retry_backoff_max": 1.0}}) as control_plane:
         yield control_plane
-    finally:
-        control_plane.stop()
 
 
 @pytest.fixture
