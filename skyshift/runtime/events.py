@@ -125,7 +125,12 @@ class EventRecorder:
                 await self.client.create(event)
                 return
             existing.spec.count += 1
-            existing.spec.last_time.CopyFrom(event.spec.last_time)
+            # Repeats written in one batch race each other: a later one may have created the Event.
+            spec = existing.spec
+            if event.spec.last_time.ToNanoseconds() > spec.last_time.ToNanoseconds():
+                spec.last_time.CopyFrom(event.spec.last_time)
+            if event.spec.first_time.ToNanoseconds() < spec.first_time.ToNanoseconds():
+                spec.first_time.CopyFrom(event.spec.first_time)
             try:
                 await self.client.update(existing)
                 return
