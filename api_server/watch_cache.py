@@ -222,7 +222,9 @@ class KindCache:
                                                                 self.settings.progress_interval):
                     self._apply(revision, changes)
                     replaying = replaying and not changes
-                    start = self.current + 1
+                    # Resume after the last change received, not after `current`: a progress
+                    # notification may run ahead of changes still being replayed.
+                    start = (self.events[-1].revision if self.events else self.oldest) + 1
                     delay = self.settings.restart_backoff_initial
             except GoneError as error:
                 compacted = getattr(error, "compact_revision", 0)
