@@ -20,6 +20,7 @@ import abc
 import asyncio
 import dataclasses
 import enum
+import weakref
 from typing import AsyncIterator, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 import grpc
@@ -211,6 +212,16 @@ class Driver(abc.ABC):
         self.state_path = settings.clusters_dir / self.cluster_name
         self._streams: Set[StatusStream] = set()
         self._published: Dict[str, Tuple[Phase, Optional[int]]] = {}
+        # One lock per replica key while someone uses it: start, stop and remove of a replica
+        # never interleave.
+        self._key_locks: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
+
+    def _lock_for(self, key: str) -> asyncio.Lock:
+        lock = self._key_locks.get(key)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._key_locks[key] = lock
+        return lock
 
     # -- resources
 

@@ -12,14 +12,12 @@ built on these records: the index of known replicas, lookups by handle, adopt().
 from __future__ import annotations
 
 import abc
-import asyncio
 import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import structlog
@@ -150,9 +148,6 @@ class RecordedDriver(Driver):
         self.files = StateDir(self.state_path)
         self._records: Dict[str, ReplicaRecord] = {}
         self._loaded = False
-        # One lock per replica key while someone uses it: start, stop and remove of a replica
-        # never interleave.
-        self._key_locks: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
 
     # -- to implement
 
@@ -232,13 +227,6 @@ class RecordedDriver(Driver):
         await super().close()
 
     # -- helpers for subclasses
-
-    def _lock_for(self, key: str) -> asyncio.Lock:
-        lock = self._key_locks.get(key)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._key_locks[key] = lock
-        return lock
 
     def _load_from_disk(self) -> None:
         for key in self.files.keys():

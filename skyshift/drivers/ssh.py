@@ -30,7 +30,6 @@ import os
 import re
 import socket
 import time
-import weakref
 import zlib
 from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -187,7 +186,6 @@ class SSHDriver(Driver):
         self._poller: Optional[asyncio.Task] = None
         #: Refreshes in flight, per (node, account).
         self._refreshing: Dict[Tuple[str, str], asyncio.Task] = {}
-        self._key_locks: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
         self._closed = False
 
     # -- accounts and places
@@ -228,13 +226,6 @@ class SSHDriver(Driver):
 
     def _base(self, node: str) -> str:
         return f"{self.settings.ssh.remote_dir}/{self.cluster_name}/{node}"
-
-    def _lock_for(self, key: str) -> asyncio.Lock:
-        lock = self._key_locks.get(key)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._key_locks[key] = lock
-        return lock
 
     # -- running programs on hosts
 
